@@ -1,0 +1,133 @@
+"""The Celery wiring: the app, its configuration from the CKAN ini, the task
+base class that gives every task a CKAN app context, and the worker command.
+
+Celery messages only wake workers up; the durable state lives in the
+database (``webhooks_event`` and ``webhooks_delivery``), so tasks are acked on
+receipt and no message ever waits in the broker for a retry (a Redis broker
+would redeliver it after its visibility timeout and multiply it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from ckan import model
+from ckan.plugins import toolkit
+
+log = logging.getLogger(__name__)
+
+FANOUT = "ckanext.webhooks.fanout"
+DRAIN = "ckanext.webhooks.drain"
+SWEEP = "ckanext.webhooks.sweep"
+PRUNE = "ckanext.webhooks.prune"
+
+
+class CKANTask(Task):
+    """Runs each task inside a CKAN request context, with a fresh DB session."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with _flask_app().test_request_context():
+            try:
+                return super().__call__(*args, **kwargs)
+            finally:
+                model.Session.remove()
+
+
+celery = Celery("ckanext.webhooks", task_cls=CKANTask, set_as_current=False)
+_flask = None
+
+
+def _flask_app():
+    global _flask
+    if _flask is None:
+        from ckan.config.middleware import make_app
+        _flask = make_app(toolkit.config)
+    return getattr(_flask, "_wsgi_app", _flask)
+
+
+def queue_name() -> str:
+    return toolkit.config.get("ckanext.webhooks.celery.queue") or "ckanext_webhooks"
+
+
+def configure(config: Any) -> None:
+    """Configure the Celery app from the CKAN config (web and worker alike)."""
+    broker = (config.get("ckanext.webhooks.broker_url")
+              or config.get("ckan.redis.url") or "redis://127.0.0.1:6379/0")
+    queue = config.get("ckanext.webhooks.celery.queue") or "ckanext_webhooks"
+    transport_options: dict[str, Any] = {}
+    if broker.startswith(("redis://", "rediss://")):
+        # Fail fast when Redis is away: the outbox keeps the events meanwhile.
+        transport_options = {"socket_connect_timeout": 2, "socket_timeout": 10,
+                             "visibility_timeout": 3600}
+    celery.conf.update(
+        broker_url=broker,
+        broker_transport_options=transport_options,
+        broker_connection_timeout=2,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        task_default_queue=queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule={
+            "webhooks-sweep": {
+                "task": SWEEP,
+                "schedule": float(config.get("ckanext.webhooks.sweep_interval") or 5),
+            },
+            "webhooks-prune": {
+                "task": PRUNE,
+                "schedule": float(config.get("ckanext.webhooks.prune_interval") or 3600),
+            },
+        },
+    )
+
+
+def send_fanout(event_ids: list[str], token: str | None = None) -> None:
+    """Publish a fan-out request; raises quickly when the broker is away."""
+    celery.send_task(FANOUT, args=[event_ids, token], queue=queue_name(), retry=False)
+
+
+def send_drain(count: int = 1, event_id: str | None = None) -> None:
+    for _ in range(count):
+        celery.send_task(DRAIN, args=[event_id], queue=queue_name(), retry=False)
+
+
+@signals.worker_process_init.connect
+@signals.beat_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked process must not share its parent's database connections."""
+    model.Session.remove()
+    model.meta.engine.dispose(close=False)
+
+
+@signals.worker_ready.connect
+def _announce_ready(**_: Any) -> None:
+    log.info("ckanext-webhooks worker ready, consuming %s", queue_name())
+
+
+def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
+               loglevel: str, pool: str | None = None) -> None:
+    """Start a Celery worker consuming the webhooks queue (blocks)."""
+    global _flask
+    _flask = flask_app
+    from . import tasks  # noqa: F401 - registers the tasks
+    schedule = os.path.join(tempfile.gettempdir(),
+                            f"ckanext-webhooks-beat-{os.getpid()}")
+    argv = ["worker", f"--loglevel={loglevel}", "-Q", queue_name(),
+            "--without-gossip", "--without-mingle",
+            f"--hostname=webhooks-{os.getpid()}@%h"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if pool:
+        argv.append(f"--pool={pool}")
+    if beat:
+        argv += ["--beat", f"--schedule={schedule}"]
+    celery.worker_main(argv)

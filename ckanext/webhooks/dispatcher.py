@@ -1,0 +1,428 @@
+"""Fan-out, delivery queue and pruning, on top of the database.
+
+The Celery tasks in :mod:`tasks` are thin: they call these functions. The
+database is the source of truth:
+
+* :func:`fan_out` claims outbox events (a lease, so one worker does each),
+  takes the entity's API view once, and queues one ``webhooks_delivery`` row
+  per subscribed hook with a single ``INSERT ... SELECT``, in one transaction.
+* :func:`drain` claims due rows (``FOR UPDATE SKIP LOCKED``; the claim moves
+  ``due`` forward by a lease, so work held by a dead worker comes back by
+  itself), sends them concurrently, and records the outcomes in bulk: rows
+  delivered or given up are deleted, failed ones get their next ``due`` from
+  the retry schedule, hooks get their statistics, and hooks that answer 410
+  or too many 4xx are deleted.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import sqlalchemy as sa
+
+from ckan import model
+from ckan.plugins import toolkit
+
+from . import guard, payload, signing
+from .delivery import Outcome, Sender
+from .ids import fingerprint
+from .model import Webhook, WebhookEvent
+
+log = logging.getLogger(__name__)
+
+
+def _cfg(key: str, default: Any) -> Any:
+    value = toolkit.config.get(f"ckanext.webhooks.{key}")
+    return default if value in (None, "") else value
+
+
+def retry_schedule() -> list[float]:
+    raw = _cfg("retry_schedule", "0 5 300 1800 7200 18000 36000 50400 72000 86400")
+    if isinstance(raw, str):
+        raw = raw.split()
+    return [float(x) for x in raw]
+
+
+def batch_size() -> int:
+    return int(_cfg("batch_size", 500))
+
+
+def concurrency() -> int:
+    return int(_cfg("concurrency", 64))
+
+
+def lease_seconds() -> float:
+    """Long enough for a whole batch to time out, round by round."""
+    rounds = math.ceil(batch_size() / max(1, concurrency()))
+    return float(_cfg("lease_seconds", 0)) or (
+        float(_cfg("timeout", 15)) * rounds + 10)
+
+
+# --- per-process state ------------------------------------------------------
+
+_sender: Optional[Sender] = None
+_executor: Optional[ThreadPoolExecutor] = None
+_state_lock = threading.Lock()
+_envelopes: "collections.OrderedDict[str, tuple[Any, str]]" = collections.OrderedDict()
+
+
+def _process_sender() -> tuple[Sender, ThreadPoolExecutor]:
+    global _sender, _executor
+    with _state_lock:
+        if _sender is None:
+            _sender = Sender(
+                connect_timeout=float(_cfg("connect_timeout", 5)),
+                total_timeout=float(_cfg("timeout", 15)),
+                max_bytes=int(_cfg("max_response_bytes", 20480)),
+                pool_size=concurrency(),
+            )
+            _executor = ThreadPoolExecutor(concurrency(),
+                                           thread_name_prefix="ckanext-webhooks-send")
+    return _sender, _executor  # type: ignore[return-value]
+
+
+def reset_process_state() -> None:
+    """Forget pools and caches (after a fork, or when the config changes)."""
+    global _sender, _executor
+    with _state_lock:
+        if _sender is not None:
+            _sender.close()
+        if _executor is not None:
+            _executor.shutdown(wait=False)
+        _sender, _executor = None, None
+        _envelopes.clear()
+
+
+# --- fan-out ----------------------------------------------------------------
+
+def fan_out(event_ids: list[str], token: Optional[str] = None) -> int:
+    """Queue deliveries of the given events; returns how many were queued."""
+    session = model.Session
+    claimed = session.execute(sa.text("""
+        UPDATE webhooks_event
+           SET lease_until = now() + make_interval(secs => :lease), lease_token = NULL
+         WHERE id = ANY(:ids) AND fanned_out IS NULL
+           AND (lease_until IS NULL OR lease_until < now() OR lease_token = :token)
+        RETURNING id
+    """), {"ids": list(event_ids), "lease": lease_seconds(), "token": token or ""}
+    ).scalars().all()
+    session.commit()
+    queued = 0
+    for event_id in claimed:
+        event = session.get(WebhookEvent, event_id)
+        try:
+            data = payload.entity_data(event)
+        except Exception:  # noqa: BLE001 - deliver what we know rather than nothing
+            log.exception("could not build the payload of %s; sending the snapshot",
+                          event_id)
+            data = {k: v for k, v in (event.snapshot or {}).items() if k != "_package"}
+        result = session.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
+            SELECT :event_id, id, 0, now() FROM webhooks WHERE topic = :topic
+            ON CONFLICT DO NOTHING
+        """), {"event_id": event_id, "topic": event.topic})
+        event.data = data
+        event.fanned_out = _now()
+        session.commit()
+        queued += result.rowcount
+        log.debug("event %s (%s) fanned out to %d hook(s)", event_id, event.topic,
+                  result.rowcount)
+    return queued
+
+
+# --- delivery queue ---------------------------------------------------------
+
+@dataclass
+class _Job:
+    event_id: str
+    hook_id: str
+    attempts: int
+    target: Optional[guard.Target] = None
+    body: str = ""
+    headers: Optional[dict] = None
+    outcome: Optional[Outcome] = None
+    drop: Optional[str] = None  # why nothing is sent (and nothing retried)
+
+
+def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
+    session = model.Session
+    rows = session.execute(sa.text(f"""
+        UPDATE webhooks_delivery d
+           SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1
+          FROM (SELECT event_id, hook_id FROM webhooks_delivery
+                 WHERE due <= now() {"AND event_id = :event_id" if event_id else ""}
+                 ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED) c
+         WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id
+        RETURNING d.event_id, d.hook_id, d.attempts
+    """), {"lease": lease_seconds(), "limit": limit, "event_id": event_id}).all()
+    session.commit()
+    return [_Job(r.event_id, r.hook_id, r.attempts) for r in rows]
+
+
+def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bool]:
+    """Deliver due work until none is left or ``budget`` seconds have passed.
+
+    Returns (attempts made, whether due work may remain).
+    """
+    started = time.monotonic()
+    total = 0
+    while time.monotonic() - started < budget:
+        jobs = claim(batch_size(), event_id)
+        if not jobs:
+            return total, False
+        deliver(jobs)
+        total += len(jobs)
+    return total, True
+
+
+def deliver(jobs: list[_Job]) -> None:
+    session = model.Session
+    hooks = {h.id: h for h in session.query(
+        Webhook.id, Webhook.address, Webhook.secret, Webhook.user_id
+    ).filter(Webhook.id.in_({j.hook_id for j in jobs}))}
+    readers: dict = {}
+    visible: dict = {}
+    targets: dict = {}
+    allowed = guard.allowed_networks()
+    sendable = []
+    for job in jobs:
+        hook = hooks.get(job.hook_id)
+        event, envelope = _envelope(job.event_id)
+        if hook is None or event is None:
+            job.drop = "gone"
+            continue
+        reader = payload.reader_name(hook.user_id, readers)
+        if reader is None:
+            job.drop = "reader_gone"
+            continue
+        key = (job.event_id, reader)
+        if key not in visible:
+            visible[key] = payload.can_read(event, reader)
+        if not visible[key]:
+            job.drop = "not_visible"
+            continue
+        if hook.address not in targets:
+            try:
+                targets[hook.address] = guard.resolve(hook.address, allowed)
+            except guard.Refused as refused:
+                targets[hook.address] = refused
+        target = targets[hook.address]
+        if isinstance(target, guard.Refused):
+            job.outcome = Outcome(None, "refused_address", 0.0)
+            continue
+        job.target = target
+        job.body = payload.body_for(envelope, hook.id)
+        job.headers = signing.headers(job.event_id, job.body, hook.secret)
+        sendable.append(job)
+    session.rollback()  # end the read transaction before the slow part
+
+    if sendable:
+        sender, executor = _process_sender()
+        outcomes = executor.map(
+            lambda j: sender.post(j.target, j.body.encode("utf-8"), j.headers), sendable)
+        for job, outcome in zip(sendable, outcomes):
+            job.outcome = outcome
+    _record(jobs)
+
+
+def _envelope(event_id: str) -> tuple[Any, str]:
+    cached = _envelopes.get(event_id)
+    if cached is not None:
+        _envelopes.move_to_end(event_id)
+        return cached
+    event = model.Session.get(WebhookEvent, event_id)
+    if event is None:
+        return None, ""
+    data_json = json.dumps(event.data if event.data is not None else {},
+                           separators=(",", ":"), default=str)
+    cached = (_DetachedEvent(event), payload.event_envelope(event, data_json))
+    _envelopes[event_id] = cached
+    while len(_envelopes) > 64:
+        _envelopes.popitem(last=False)
+    return cached
+
+
+class _DetachedEvent:
+    """The fields of an event that deliveries need, safe to keep in a cache."""
+
+    def __init__(self, event: WebhookEvent) -> None:
+        self.id = event.id
+        self.topic = event.topic
+        self.object_id = event.object_id
+        self.package_id = event.package_id
+        self.created = event.created
+        self.snapshot = event.snapshot
+
+
+# --- recording outcomes -----------------------------------------------------
+
+_RETRYABLE_4XX = {408, 425, 429}
+
+
+def _classify(outcome: Outcome) -> str:
+    """'ok', 'gone' (410), 'client' (other 4xx: not retried), or 'retry'."""
+    if outcome.ok:
+        return "ok"
+    if outcome.status == 410:
+        return "gone"
+    if outcome.status is not None and 400 <= outcome.status < 500 \
+            and outcome.status not in _RETRYABLE_4XX:
+        return "client"
+    if outcome.error == "refused_address":
+        return "client"
+    return "retry"
+
+
+def _record(jobs: list[_Job]) -> None:
+    session = model.Session
+    schedule = retry_schedule()
+    finished, retries = [], []
+    per_hook: dict[str, dict] = {}
+    for job in jobs:
+        if job.outcome is None:  # dropped: nothing was sent
+            finished.append({"e": job.event_id, "h": job.hook_id})
+            continue
+        kind = _classify(job.outcome)
+        stats = per_hook.setdefault(job.hook_id, {
+            "id": job.hook_id, "n": 0, "ok": 0, "reset": False, "fail_tail": 0,
+            "tail_4xx": 0, "status": None, "error": None, "gone": False})
+        stats["n"] += 1
+        stats["status"], stats["error"] = job.outcome.status, job.outcome.error
+        if kind == "ok":
+            stats.update(ok=stats["ok"] + 1, reset=True, fail_tail=0, tail_4xx=0)
+        else:
+            stats["fail_tail"] += 1
+            stats["tail_4xx"] = stats["tail_4xx"] + 1 if kind == "client" else 0
+            stats["gone"] = stats["gone"] or kind == "gone"
+        if kind == "retry" and job.attempts < len(schedule):
+            delay = schedule[job.attempts] * random.uniform(1.0, 1.2)
+            if job.outcome.retry_after:
+                delay = max(delay, min(job.outcome.retry_after, 86400.0))
+            retries.append({"e": job.event_id, "h": job.hook_id, "delay": delay,
+                            "status": job.outcome.status, "error": job.outcome.error})
+        else:
+            if kind == "retry":
+                log.warning("giving up on event %s for %s after %d attempts",
+                            job.event_id, fingerprint(job.hook_id), job.attempts)
+            finished.append({"e": job.event_id, "h": job.hook_id})
+
+    if finished:
+        session.execute(sa.text("""
+            DELETE FROM webhooks_delivery d USING jsonb_to_recordset(CAST(:rows AS jsonb))
+                AS v(e text, h text)
+             WHERE d.event_id = v.e AND d.hook_id = v.h
+        """), {"rows": json.dumps(finished)})
+    if retries:
+        session.execute(sa.text("""
+            UPDATE webhooks_delivery d
+               SET due = now() + make_interval(secs => v.delay),
+                   last_status = v.status, last_error = v.error
+              FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                AS v(e text, h text, delay float8, status int, error text)
+             WHERE d.event_id = v.e AND d.hook_id = v.h
+        """), {"rows": json.dumps(retries)})
+    doomed = []
+    if per_hook:
+        updated = session.execute(sa.text("""
+            UPDATE webhooks w
+               SET delivery_count = w.delivery_count + v.n,
+                   success_count = w.success_count + v.ok,
+                   last_delivery = now(), last_status = v.status, last_error = v.error,
+                   consecutive_failures = CASE WHEN v.reset THEN v.fail_tail
+                                               ELSE w.consecutive_failures + v.fail_tail END,
+                   consecutive_4xx = CASE WHEN v.reset OR v.tail_4xx < v.fail_tail THEN v.tail_4xx
+                                          ELSE w.consecutive_4xx + v.tail_4xx END,
+                   failing_since = CASE WHEN v.fail_tail = 0 THEN NULL
+                                        WHEN v.reset THEN now()
+                                        ELSE coalesce(w.failing_since, now()) END
+              FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                AS v(id text, n int, ok int, reset bool, fail_tail int, tail_4xx int,
+                     status int, error text, gone bool)
+             WHERE w.id = v.id
+            RETURNING w.id, w.consecutive_4xx, v.gone
+        """), {"rows": json.dumps(list(per_hook.values()))}).all()
+        limit = int(_cfg("max_consecutive_4xx", 5))
+        for row in updated:
+            if row.gone:
+                doomed.append((row.id, "answered 410 Gone"))
+            elif row.consecutive_4xx >= limit:
+                doomed.append((row.id, f"answered 4xx {row.consecutive_4xx} times in a row"))
+    for hook_id, reason in doomed:
+        _delete_hook(hook_id, reason)
+    session.commit()
+
+
+def _delete_hook(hook_id: str, reason: str) -> None:
+    row = model.Session.execute(sa.text(
+        "DELETE FROM webhooks WHERE id = :id RETURNING topic, address"), {"id": hook_id}
+    ).first()
+    if row is not None:
+        log.info("pruned webhook %s (%s, %s): %s", fingerprint(hook_id), row.topic,
+                 _host(row.address), reason)
+
+
+def _host(address: str) -> str:
+    try:
+        return guard.parse(address)[1]
+    except guard.Refused:
+        return "?"
+
+
+# --- sweeping and pruning -----------------------------------------------------
+
+def unpublished_events(limit: int = 1000) -> tuple[list[str], str]:
+    """Lease events the broker never handed to a worker; returns (ids, token)."""
+    token = uuid.uuid4().hex
+    ids = model.Session.execute(sa.text("""
+        UPDATE webhooks_event SET lease_until = now() + make_interval(secs => :lease),
+                                  lease_token = :token
+         WHERE id IN (SELECT id FROM webhooks_event
+                       WHERE fanned_out IS NULL AND created < now() - interval '1 second'
+                         AND (lease_until IS NULL OR lease_until < now())
+                       ORDER BY created LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING id
+    """), {"lease": lease_seconds(), "token": token, "limit": limit}).scalars().all()
+    model.Session.commit()
+    return list(ids), token
+
+
+def due_count(cap: int = 100000) -> int:
+    return model.Session.execute(sa.text(
+        "SELECT count(*) FROM (SELECT 1 FROM webhooks_delivery WHERE due <= now() "
+        "LIMIT :cap) t"), {"cap": cap}).scalar_one()
+
+
+def prune() -> dict[str, int]:
+    """Delete stale hooks and old fanned-out events; returns what was removed."""
+    session = model.Session
+    stale_days = float(_cfg("stale_after_days", 5))
+    stale = session.execute(sa.text("""
+        DELETE FROM webhooks
+         WHERE failing_since < now() - make_interval(secs => :secs)
+        RETURNING id, topic, address
+    """), {"secs": stale_days * 86400}).all()
+    for row in stale:
+        log.info("pruned webhook %s (%s, %s): only failures for %g days",
+                 fingerprint(row.id), row.topic, _host(row.address), stale_days)
+    retention = float(_cfg("log_retention_days", 30))
+    events = session.execute(sa.text("""
+        DELETE FROM webhooks_event e
+         WHERE fanned_out < now() - make_interval(secs => :secs)
+           AND NOT EXISTS (SELECT 1 FROM webhooks_delivery d WHERE d.event_id = e.id)
+    """), {"secs": retention * 86400}).rowcount
+    session.commit()
+    return {"stale_hooks": len(stale), "old_events": events}
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)

@@ -1,0 +1,59 @@
+"""Authorization of the webhook actions.
+
+By default anyone may create, show and delete hooks (the hook id is the
+capability that guards show and delete); ``ckanext.webhooks.minimum_auth``
+raises the bar to a logged-in user, an organization editor or admin, or a
+sysadmin. Listing hooks is for sysadmins only (CKAN lets sysadmins through
+before any auth function runs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ckan import authz
+from ckan.plugins import toolkit
+
+LEVELS = ("anonymous", "user", "editor", "admin", "sysadmin")
+
+
+def _minimum_level() -> str:
+    level = (toolkit.config.get("ckanext.webhooks.minimum_auth") or "anonymous").strip()
+    return level if level in LEVELS else "sysadmin"  # a typo must not open things up
+
+
+def _meets_minimum(context: dict[str, Any]) -> dict[str, Any]:
+    level = _minimum_level()
+    if level == "anonymous":
+        return {"success": True}
+    user = context.get("user")
+    if not user or not authz.get_user_id_for_username(user, allow_none=True):
+        return {"success": False, "msg": toolkit._("You must be logged in to use webhooks")}
+    if level == "user" or authz.is_sysadmin(user):
+        return {"success": True}
+    if level in ("editor", "admin"):
+        permission = "create_dataset" if level == "editor" else "admin"
+        orgs = toolkit.get_action("organization_list_for_user")(
+            {"user": user, "ignore_auth": True}, {"permission": permission})
+        if orgs:
+            return {"success": True}
+    return {"success": False,
+            "msg": toolkit._("Webhooks on this portal need the role: %s") % level}
+
+
+@toolkit.auth_allow_anonymous_access
+def webhook_create(context, data_dict):
+    return _meets_minimum(context)
+
+
+@toolkit.auth_allow_anonymous_access
+def webhook_show(context, data_dict):
+    return _meets_minimum(context)
+
+
+@toolkit.auth_allow_anonymous_access
+def webhook_delete(context, data_dict):
+    return _meets_minimum(context)
+
+
+def webhook_list(context, data_dict):
+    return {"success": False, "msg": toolkit._("Only sysadmins may list webhooks")}

@@ -1,0 +1,29 @@
+"""navl schemas of the webhook actions."""
+from __future__ import annotations
+
+from ckan.plugins.toolkit import validator_args
+
+
+@validator_args
+def webhook_create_schema(not_missing, not_empty, ignore_missing, webhooks_string,
+                          webhooks_topic, webhooks_address, webhooks_secret):
+    return {
+        "topic": [not_missing, webhooks_string, not_empty, webhooks_topic],
+        "address": [not_missing, webhooks_string, not_empty, webhooks_address],
+        "secret": [ignore_missing, webhooks_string, webhooks_secret],
+    }
+
+
+@validator_args
+def webhook_id_schema(not_missing, not_empty, webhooks_string, webhooks_id):
+    return {"id": [not_missing, webhooks_string, not_empty, webhooks_id]}
+
+
+@validator_args
+def webhook_list_schema(ignore_missing, webhooks_string, webhooks_topic,
+                        natural_number_validator):
+    return {
+        "topic": [ignore_missing, webhooks_string, webhooks_topic],
+        "limit": [ignore_missing, natural_number_validator],
+        "offset": [ignore_missing, natural_number_validator],
+    }

@@ -1,0 +1,62 @@
+"""Validators of ckanext-webhooks (registered with CKAN as named validators)."""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from ckan.plugins import toolkit
+
+from .. import guard
+from ..topics import TOPICS
+
+Invalid = toolkit.Invalid
+MAX_TOPIC_LENGTH = 100
+MAX_SECRET_LENGTH = 200
+
+
+def webhooks_string(key, data, errors, context) -> None:
+    """Only strings: a list, number or object where a string belongs is an
+    error, and the validators after this one never see such a value."""
+    value = data.get(key)
+    if value is toolkit.missing or value is None or isinstance(value, str):
+        return
+    errors[key].append("Must be a string")
+    raise toolkit.StopOnError
+
+
+def webhooks_topic(value: Any) -> Any:
+    if not isinstance(value, str) or len(value) > MAX_TOPIC_LENGTH or value not in TOPICS:
+        raise Invalid("Unknown topic. Choose one of: " + ", ".join(TOPICS))
+    return value
+
+
+def webhooks_address(value: Any) -> Any:
+    """An absolute http(s) URL whose host the portal may contact; normalised."""
+    try:
+        target = guard.resolve(value)
+    except guard.Refused as refused:
+        raise Invalid(str(refused))
+    return f"{target.scheme}://{target.host_header}{target.path}"
+
+
+def webhooks_secret(value: Any) -> Any:
+    """Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
+    if value in (None, "", toolkit.missing):
+        return None
+    error = Invalid("Must be 'whsec_' followed by the base64 encoding of 24 to 64 bytes")
+    if len(value) > MAX_SECRET_LENGTH or not value.startswith("whsec_"):
+        raise error
+    try:
+        key = base64.b64decode(value[len("whsec_"):], validate=True)
+    except (binascii.Error, ValueError):
+        raise error
+    if not 24 <= len(key) <= 64:
+        raise error
+    return value
+
+
+def webhooks_id(value: Any) -> Any:
+    if not isinstance(value, str) or not value or len(value) > 200:
+        raise Invalid("Must be a webhook id")
+    return value

@@ -1,0 +1,96 @@
+"""Tables of ckanext-webhooks.
+
+``webhooks``           the subscriptions, with their delivery statistics;
+``webhooks_event``     the transactional outbox: one row per captured event,
+                       written in the same transaction as the change itself;
+``webhooks_delivery``  the durable delivery queue: one row per (event, hook)
+                       still to be delivered, first attempts and retries alike.
+                       Celery messages only tell workers to drain it, so a lost
+                       message, a dead worker or a restarted broker loses nothing.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import (
+    Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+from ckan.plugins import toolkit
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class Webhook(toolkit.BaseModel):
+    __tablename__ = "webhooks"
+
+    id = Column(Text, primary_key=True)
+    topic = Column(Text, nullable=False)
+    address = Column(Text, nullable=False)
+    # Standard Webhooks signing secret ("whsec_..."); never shown by the API.
+    secret = Column(Text, nullable=True)
+    # Whose read permissions apply to deliveries; NULL for anonymous hooks.
+    user_id = Column(Text, nullable=True)
+    created = Column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    delivery_count = Column(Integer, nullable=False, default=0)
+    success_count = Column(Integer, nullable=False, default=0)
+    last_delivery = Column(DateTime(timezone=True), nullable=True)
+    last_status = Column(Integer, nullable=True)
+    last_error = Column(Text, nullable=True)
+    consecutive_failures = Column(Integer, nullable=False, default=0)
+    consecutive_4xx = Column(Integer, nullable=False, default=0)
+    # Start of the current unbroken run of failures (stale pruning).
+    failing_since = Column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("topic", "address", name="webhooks_topic_address_key"),
+    )
+
+
+class WebhookEvent(toolkit.BaseModel):
+    __tablename__ = "webhooks_event"
+
+    id = Column(Text, primary_key=True)
+    topic = Column(Text, nullable=False)
+    object_id = Column(Text, nullable=False)
+    package_id = Column(Text, nullable=True)
+    created = Column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # What was known of the entity at capture time: enough to judge who may
+    # see a delete event and to describe a purged entity.
+    snapshot = Column(JSONB, nullable=True)
+    # The entity as the action API shows it, taken when the event is fanned out;
+    # retries send exactly this.
+    data = Column(JSONB, nullable=True)
+    # NULL until a worker has queued a delivery for every subscribed hook.
+    fanned_out = Column(DateTime(timezone=True), nullable=True)
+    lease_until = Column(DateTime(timezone=True), nullable=True)
+    # Which sweep published it again (that message may take over the lease).
+    lease_token = Column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("webhooks_event_pending_idx", "created",
+              postgresql_where=fanned_out.is_(None)),
+    )
+
+
+class WebhookDelivery(toolkit.BaseModel):
+    __tablename__ = "webhooks_delivery"
+
+    event_id = Column(Text, ForeignKey("webhooks_event.id", ondelete="CASCADE"),
+                      primary_key=True)
+    hook_id = Column(Text, ForeignKey("webhooks.id", ondelete="CASCADE"),
+                     primary_key=True)
+    attempts = Column(Integer, nullable=False, default=0)
+    # When the next attempt is due; also the lease end while a worker holds it.
+    due = Column(DateTime(timezone=True), nullable=False, default=utcnow)
+    last_status = Column(Integer, nullable=True)
+    last_error = Column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("webhooks_delivery_due_idx", "due"),
+        Index("webhooks_delivery_hook_idx", "hook_id"),
+    )

@@ -1,0 +1,28 @@
+"""The ``webhooks`` CKAN plugin: registration only, the work is elsewhere."""
+from __future__ import annotations
+
+import ckan.plugins as plugins
+from ckan.plugins import toolkit
+
+from . import capture, celery_app
+
+
+@toolkit.blanket.actions
+@toolkit.blanket.auth_functions
+@toolkit.blanket.validators
+@toolkit.blanket.cli
+@toolkit.blanket.config_declarations
+class WebhooksPlugin(plugins.SingletonPlugin):
+    plugins.implements(plugins.IConfigurable)
+    plugins.implements(plugins.IDomainObjectModification, inherit=True)
+
+    # IConfigurable
+
+    def configure(self, config):
+        celery_app.configure(config)
+        capture.install_listeners()
+
+    # IDomainObjectModification
+
+    def notify(self, entity, operation):
+        capture.record(entity, operation)

@@ -1,0 +1,100 @@
+"""Fixtures: real PostgreSQL and Redis, a real Celery worker, a real CKAN
+server and real HTTP receivers, all on loopback. Only Solr is a stand-in."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+import redis
+
+from ckan.plugins import toolkit
+from ckan.tests import factories
+
+from . import processes
+from .receiver import Receiver
+
+
+_solr = None
+
+
+def pytest_configure(config):
+    """The Solr stand-in must answer before CKAN's pytest plugin loads CKAN."""
+    global _solr
+    _solr = processes.start_solr_standin()
+
+
+def pytest_unconfigure(config):
+    if _solr is not None:
+        _solr.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def empty_test_queue():
+    """Messages left in the test broker by an earlier run must not leak in."""
+    redis.Redis.from_url(toolkit.config["ckan.redis.url"]).flushdb()
+
+
+@pytest.fixture
+def clean_db(with_plugins, reset_db, migrate_db_for):
+    reset_db()
+    migrate_db_for("webhooks")
+
+
+@pytest.fixture(scope="session")
+def webhooks_tables(reset_db):
+    """The schema exists before any long-lived process starts."""
+    reset_db()
+    subprocess.run([str(processes.BIN / "ckan"), "-c", str(processes.TEST_INI),
+                    "db", "upgrade", "-p", "webhooks"], check=True, capture_output=True)
+
+
+@pytest.fixture
+def receiver():
+    server = Receiver().start()
+    yield server
+    server.stop()
+
+
+_session_workers: list = []
+
+
+@pytest.fixture(scope="session")
+def worker(webhooks_tables):
+    proc = processes.start_worker()
+    _session_workers.append(proc)
+    yield proc
+    _session_workers.remove(proc)
+    proc.stop()
+
+
+@pytest.fixture
+def only_my_workers():
+    """Freeze the suite's shared worker (SIGSTOP), for tests whose own workers
+    must be the only ones draining the shared database."""
+    for proc in _session_workers:
+        os.killpg(proc.proc.pid, signal.SIGSTOP)
+    yield
+    for proc in _session_workers:
+        os.killpg(proc.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def live_ckan(webhooks_tables):
+    proc = processes.start_ckan()
+    yield "http://127.0.0.1:15000"
+    proc.stop()
+
+
+@pytest.fixture
+def sysadmin_token():
+    """A sysadmin and an API token for it, created in the real database."""
+    sysadmin = factories.Sysadmin()
+    token = factories.APIToken(user=sysadmin["name"])
+    return {"user": sysadmin, "token": token["token"]}
+
+
+@pytest.fixture
+def organization(sysadmin_token):
+    return factories.Organization(user=sysadmin_token["user"])

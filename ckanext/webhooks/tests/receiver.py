@@ -1,0 +1,103 @@
+"""A real HTTP receiver for the tests, on a loopback alias (127.0.0.2).
+
+Records every request (path, headers, body, time) and answers by a per-path
+script: a list of status codes used in turn (the last one repeats).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Optional
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict
+    body: bytes
+    at: float
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass
+class Receiver:
+    host: str = "127.0.0.2"
+    requests: list[Received] = field(default_factory=list)
+    scripts: dict[str, list[int]] = field(default_factory=dict)
+    headers_for: dict[str, dict] = field(default_factory=dict)
+    _server: Optional[ThreadingHTTPServer] = None
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def start(self) -> "Receiver":
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length)
+                path = self.path
+                with receiver._cond:
+                    receiver.requests.append(
+                        Received(path, {k.lower(): v for k, v in self.headers.items()},
+                                 body, time.monotonic()))
+                    script = receiver.scripts.get(path) or [200]
+                    status = script.pop(0) if len(script) > 1 else script[0]
+                    receiver._cond.notify_all()
+                reply = b'{"ok": true}'
+                self.send_response(status)
+                for key, value in receiver.headers_for.get(path, {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def on(self, path: str) -> list[Received]:
+        with self._cond:
+            return [r for r in self.requests if r.path == path]
+
+    def wait_for(self, predicate: Callable[[list[Received]], bool],
+                 timeout: float = 20.0) -> list[Received]:
+        """Wait until predicate(all requests) holds; returns the requests."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self.requests):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(
+                        f"receiver: condition not met within {timeout}s; got "
+                        f"{[(r.path, r.body[:80]) for r in self.requests]}")
+                self._cond.wait(remaining)
+            return list(self.requests)
+
+    def wait_count(self, path: str, count: int, timeout: float = 20.0) -> list[Received]:
+        self.wait_for(lambda rs: sum(r.path == path for r in rs) >= count, timeout)
+        return self.on(path)

@@ -1,0 +1,231 @@
+"""End to end: a real CKAN server, a real Celery worker on a real Redis broker,
+real HTTP receivers on 127.0.0.2, driven through ckanapi as real clients."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import ckanapi
+import jsonschema
+import pytest
+import sqlalchemy as sa
+
+from ckan import model
+
+from . import processes
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.json").read_text())
+
+
+def _name(prefix: str = "ds") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_hooks(webhooks_tables):
+    """Hooks of earlier tests point at receivers that are gone: drop them."""
+    model.Session.execute(sa.text("DELETE FROM webhooks"))
+    model.Session.commit()
+    yield
+    model.Session.remove()
+
+
+@pytest.fixture
+def anon(live_ckan):
+    return ckanapi.RemoteCKAN(live_ckan)
+
+
+@pytest.fixture
+def admin(live_ckan, sysadmin_token):
+    return ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+
+
+def _validate(received) -> dict:
+    body = received.json
+    jsonschema.validate(body, SCHEMA, format_checker=jsonschema.FormatChecker())
+    assert received.headers["content-type"] == "application/json"
+    assert received.headers["user-agent"].startswith("ckanext-webhooks/")
+    assert received.headers["webhook-id"] == body["event_id"]
+    assert abs(int(received.headers["webhook-timestamp"]) - time.time()) < 60
+    return body
+
+
+@pytest.mark.usefixtures("worker")
+class TestDelivery:
+    def test_dataset_create_reaches_the_receiver(self, anon, admin, receiver, organization):
+        hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/c"))
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"],
+                                              resources=[{"url": "http://a.test/x.csv"}])
+        [received] = receiver.wait_count("/c", 1)
+        body = _validate(received)
+        assert body["webhook_id"] == hook
+        assert body["topic"] == "dataset/create"
+        assert body["site_url"] == "http://127.0.0.1:15000"
+        assert body["data"]["id"] == dataset["id"]
+        assert body["data"]["name"] == dataset["name"]
+        assert [r["url"] for r in body["data"]["resources"]] == ["http://a.test/x.csv"]
+        # Statistics follow the delivery.
+        deadline = time.time() + 10
+        while anon.action.webhook_show(id=hook)["statistics"]["deliveries"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.2)
+        stats = anon.action.webhook_show(id=hook)["statistics"]
+        assert stats["successes"] == 1 and stats["last_status"] == 200
+        assert stats["consecutive_failures"] == 0 and stats["last_delivery"]
+
+    def test_each_of_the_six_topics(self, anon, admin, receiver, organization):
+        topics = ["dataset/create", "dataset/update", "dataset/delete",
+                  "resource/create", "resource/update", "resource/delete"]
+        for topic in topics:
+            anon.action.webhook_create(topic=topic, address=receiver.url("/" + topic))
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        admin.action.package_patch(id=dataset["id"], title="Changed")
+        resource = admin.action.resource_create(package_id=dataset["id"], url="http://a.test/r")
+        admin.action.resource_patch(id=resource["id"], name="renamed")
+        admin.action.resource_delete(id=resource["id"])
+        admin.action.package_delete(id=dataset["id"])
+
+        expected = {"/dataset/create": 1, "/dataset/update": 4, "/dataset/delete": 1,
+                    "/resource/create": 1, "/resource/update": 1, "/resource/delete": 1}
+        receiver.wait_for(lambda rs: all(
+            sum(r.path == p for r in rs) >= n for p, n in expected.items()))
+        time.sleep(1.5)  # nothing more may arrive
+        for path, count in expected.items():
+            bodies = [_validate(r) for r in receiver.on(path)]
+            assert len(bodies) == count, (path, len(bodies))
+            assert {b["topic"] for b in bodies} == {path[1:]}
+        assert receiver.on("/resource/update")[0].json["data"]["name"] == "renamed"
+        assert receiver.on("/resource/delete")[0].json["data"]["id"] == resource["id"]
+        assert receiver.on("/dataset/delete")[0].json["data"]["state"] == "deleted"
+        event_ids = [r.json["event_id"] for r in receiver.requests]
+        assert len(event_ids) == len(set(event_ids))
+
+    def test_retried_after_503_until_acknowledged(self, anon, admin, receiver, organization):
+        receiver.scripts["/flaky"] = [503, 503, 200]
+        hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/flaky"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        attempts = receiver.wait_count("/flaky", 3, timeout=30)
+        time.sleep(3)  # acknowledged: no fourth attempt
+        assert len(receiver.on("/flaky")) == 3
+        assert len({r.json["event_id"] for r in attempts}) == 1
+        assert len({r.headers["webhook-id"] for r in attempts}) == 1
+        stats = anon.action.webhook_show(id=hook)["statistics"]
+        assert stats["deliveries"] == 3 and stats["successes"] == 1
+        assert stats["consecutive_failures"] == 0 and stats["pending_deliveries"] == 0
+
+    def test_404_five_times_prunes_the_hook(self, anon, admin, receiver, organization):
+        receiver.scripts["/missing"] = [404]
+        hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/missing"))
+        other = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/fine"))
+        for n in range(4):
+            admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/missing", 4)
+        time.sleep(0.5)
+        stats = anon.action.webhook_show(id=hook)["statistics"]
+        assert stats["consecutive_4xx"] == 4
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/missing", 5)
+        _wait_gone(anon, hook)
+        time.sleep(1)
+        assert len(receiver.on("/missing")) == 5  # 4xx are not retried
+        assert anon.action.webhook_show(id=other)["statistics"]["successes"] == 5
+
+    def test_410_prunes_the_hook_at_once(self, anon, admin, receiver, organization):
+        receiver.scripts["/gone"] = [410]
+        hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/gone"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/gone", 1)
+        _wait_gone(anon, hook)
+
+    def test_retry_after_is_honoured(self, anon, admin, receiver, organization):
+        receiver.scripts["/busy"] = [429, 200]
+        receiver.headers_for["/busy"] = {"Retry-After": "4"}
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/busy"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        first, second = receiver.wait_count("/busy", 2, timeout=30)
+        assert second.at - first.at >= 3.9  # the schedule alone would retry after ~1 s
+
+    def test_private_datasets_are_not_delivered_to_anonymous_hooks(
+            self, anon, admin, receiver, organization):
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/pub"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"], private=True)
+        public = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        [received] = receiver.wait_count("/pub", 1)
+        time.sleep(1.5)
+        assert [r.json["data"]["id"] for r in receiver.on("/pub")] == [public["id"]]
+
+
+def _wait_gone(client, hook: str, timeout: float = 15.0) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            client.action.webhook_show(id=hook)
+        except ckanapi.NotFound:
+            return
+        assert time.time() < deadline, "hook was not pruned"
+        time.sleep(0.2)
+
+
+@pytest.mark.usefixtures("worker")
+def test_rollback_sends_nothing(with_plugins, receiver, organization, live_ckan):
+    """A change rolled back in the writer's transaction is never announced."""
+    from ckan.tests import factories
+    anon = ckanapi.RemoteCKAN(live_ckan)
+    anon.action.webhook_create(topic="dataset/update", address=receiver.url("/rb"))
+    dataset = factories.Dataset(owner_org=organization["id"])
+    package = model.Package.get(dataset["id"])
+    package.title = "rolled back"
+    model.Session.flush()
+    model.Session.rollback()
+    package = model.Package.get(dataset["id"])
+    package.title = "committed"
+    model.Session.commit()
+    [received] = receiver.wait_count("/rb", 1)
+    assert received.json["data"]["title"] == "committed"
+    time.sleep(1.5)
+    assert len(receiver.on("/rb")) == 1
+
+
+def test_broker_down_while_writing_loses_nothing(webhooks_tables, only_my_workers, receiver,
+                                                 sysadmin_token, organization):
+    """Redis (the broker) stops while datasets are written: CKAN writes still
+    succeed, and every event is delivered once the broker is back."""
+    redis_port = processes.free_port()
+    web_port = processes.free_port()
+    ini = processes.write_ini({
+        "ckanext.webhooks.broker_url": f"redis://127.0.0.1:{redis_port}/0",
+        "ckanext.webhooks.celery.queue": f"broker-down-{redis_port}",
+        "ckan.site_url": f"http://127.0.0.1:{web_port}",
+    })
+    broker = processes.start_redis(redis_port)
+    web = processes.start_ckan(ini, web_port)
+    worker = processes.start_worker(ini, concurrency=1, name="worker-broker-down")
+    try:
+        url = f"http://127.0.0.1:{web_port}"
+        anon = ckanapi.RemoteCKAN(url)
+        admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"])
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/bd"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/bd", 1)
+
+        broker.stop()
+        written = []
+        for _ in range(5):
+            started = time.monotonic()
+            written.append(admin.action.package_create(name=_name(),
+                                                       owner_org=organization["id"])["id"])
+            assert time.monotonic() - started < 5, "a write waited for the broker"
+        time.sleep(2)
+        assert len(receiver.on("/bd")) == 1, [(r.at, r.json["event_id"], r.json["data"]["name"]) for r in receiver.on("/bd")]
+
+        broker = processes.start_redis(redis_port)
+        receiver.wait_count("/bd", 6, timeout=60)
+        delivered = {r.json["data"]["id"] for r in receiver.on("/bd")}
+        assert set(written) <= delivered
+    finally:
+        worker.stop()
+        web.stop()
+        broker.stop()
+        ini.unlink()

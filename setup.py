@@ -1,0 +1,29 @@
+# -*- coding: utf-8 -*-
+from setuptools import setup, find_namespace_packages
+
+setup(
+    name="ckanext-webhooks",
+    version="0.1.0",
+    description="Webhooks for CKAN: push dataset and resource events to subscribers",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="AGPL-3.0-or-later",
+    python_requires=">=3.10",
+    packages=find_namespace_packages(include=["ckanext", "ckanext.*"]),
+    include_package_data=True,
+    zip_safe=False,
+    install_requires=[
+        "celery>=5.7,<6",
+        "kombu>=5.7,<6",
+        "standardwebhooks>=1.0.1,<2",
+    ],
+    entry_points={
+        "ckan.plugins": [
+            "webhooks = ckanext.webhooks.plugin:WebhooksPlugin",
+        ],
+    },
+    classifiers=[
+        "Framework :: CKAN",
+        "Programming Language :: Python :: 3.11",
+    ],
+)
