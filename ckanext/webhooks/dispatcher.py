@@ -120,24 +120,36 @@ def fan_out(event_ids: list[str], token: Optional[str] = None) -> int:
     queued = 0
     for event_id in claimed:
         event = session.get(WebhookEvent, event_id)
-        try:
-            data = payload.entity_data(event)
-        except Exception:  # noqa: BLE001 - deliver what we know rather than nothing
-            log.exception("could not build the payload of %s; sending the snapshot",
-                          event_id)
-            data = {k: v for k, v in (event.snapshot or {}).items() if k != "_package"}
+        if event.data is None:  # the web process could not take it: take it now
+            event.data = _entity_view(event)
         result = session.execute(sa.text("""
             INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
             SELECT :event_id, id, 0, now() FROM webhooks WHERE topic = :topic
             ON CONFLICT DO NOTHING
         """), {"event_id": event_id, "topic": event.topic})
-        event.data = data
         event.fanned_out = _now()
         session.commit()
         queued += result.rowcount
         log.debug("event %s (%s) fanned out to %d hook(s)", event_id, event.topic,
                   result.rowcount)
     return queued
+
+
+def record_entity_views(event_ids: list[str]) -> None:
+    """Store each event's entity as the action API shows it now (after commit)."""
+    session = model.Session
+    for event in session.query(WebhookEvent).filter(WebhookEvent.id.in_(event_ids),
+                                                     WebhookEvent.data.is_(None)):
+        event.data = _entity_view(event)
+    session.commit()
+
+
+def _entity_view(event: WebhookEvent) -> dict:
+    try:
+        return payload.entity_data(event)
+    except Exception:  # noqa: BLE001 - deliver what we know rather than nothing
+        log.exception("could not build the payload of %s; sending the snapshot", event.id)
+        return {k: v for k, v in (event.snapshot or {}).items() if k != "_package"}
 
 
 # --- delivery queue ---------------------------------------------------------
