@@ -169,23 +169,25 @@ class Sender:
                                         read=self.total_timeout),
             )
             data = response.read(self.max_bytes + 1, decode_content=False) or b""
-            complete = len(data) <= self.max_bytes and response.length_remaining in (0, None) \
-                and _at_eof(response)
+            capped = len(data) > self.max_bytes
+            complete = not capped and _at_eof(response)
             outcome = Outcome(response.status, None, time.monotonic() - start,
                               data[: self.max_bytes],
                               _retry_after(response.headers.get("Retry-After")))
             if time.monotonic() > deadline:
                 outcome = Outcome(None, "timeout", time.monotonic() - start)
                 complete = False
+            elif not capped and not complete:  # the peer hung up mid-answer
+                outcome = Outcome(None, "connection_error", time.monotonic() - start)
             if not complete:
                 response.close()  # closes the connection; never drain a hostile answer
             return outcome
+        except NewConnectionError:  # before ConnectTimeoutError: urllib3 subclasses it
+            return Outcome(None, "connect_error", time.monotonic() - start)
         except (ConnectTimeoutError, ReadTimeoutError, socket.timeout, TimeoutError):
             return Outcome(None, "timeout", time.monotonic() - start)
         except SSLError:
             return Outcome(None, "tls_error", time.monotonic() - start)
-        except NewConnectionError:
-            return Outcome(None, "connect_error", time.monotonic() - start)
         except (ProtocolError, HTTPError, OSError) as error:
             kind = "timeout" if time.monotonic() >= deadline else "connection_error"
             if isinstance(error, ProtocolError) and time.monotonic() < deadline:
@@ -206,8 +208,12 @@ class Sender:
 
 
 def _at_eof(response) -> bool:
-    if response.length_remaining == 0:
+    """Was the whole answer read, as long as its Content-Length said?"""
+    remaining = response.length_remaining
+    if remaining == 0:
         return True
+    if remaining is not None:  # fewer bytes than announced: cut short
+        return False
     # No Content-Length (chunked or close-delimited): done only if nothing is left.
     try:
         return response.read(1, decode_content=False) == b""
