@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A small webhook receiver for ckanext-webhooks, standard library only.
 
-It verifies the Standard Webhooks signature when given the hook's secret,
+It answers the portal's verification handshake (echoes the challenge), verifies
+the Standard Webhooks signature when given the hook's secret,
 ignores deliveries it has already seen (de-duplication by ``webhook-id``,
 which stays the same across retries), and prints each event.
 
@@ -58,6 +59,11 @@ def make_handler(secret: str | None, out=sys.stdout):
             if length > 10 * 1024 * 1024:
                 return self._reply(413)
             body = self.rfile.read(length)
+            challenge = self.headers.get("webhook-challenge")
+            if challenge is not None:  # the portal asks: do you want this hook?
+                print(json.dumps({"verification": json.loads(body).get("topic")}),
+                      file=out, flush=True)
+                return self._reply(200, challenge.encode())
             if secret and not verify(secret, self.headers, body):
                 return self._reply(401, b"bad signature")
             event_id = self.headers.get("webhook-id", "")

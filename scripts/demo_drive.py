@@ -15,7 +15,7 @@ def wait_for_lines(path, hook_ids, count, timeout=30):
     while True:
         with open(path) as handle:
             lines = [line for line in handle
-                     if line.startswith("{") and json.loads(line)["webhook_id"] in hook_ids]
+                     if line.startswith("{") and json.loads(line).get("webhook_id") in hook_ids]
         if len(lines) >= count:
             return lines
         if time.time() > deadline:

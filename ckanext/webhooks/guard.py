@@ -27,6 +27,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
 MAX_ADDRESS_LENGTH = 2000
+_SPECIAL_USE_TLDS = {"localhost", "local", "internal", "intranet", "lan", "home", "corp",
+                     "private", "test", "invalid", "example", "onion", "arpa", "localdomain"}
 
 
 class Refused(ValueError):
@@ -98,6 +100,13 @@ def _normalise_host(host: str) -> str:
         ascii_host = host.encode("idna").decode("ascii").lower()
     except UnicodeError:
         raise Refused("Not a valid host name")
+    if len(ascii_host) > 253:
+        raise Refused("Not a valid host name")
+    labels = ascii_host.split(".")
+    if labels[-1] in _SPECIAL_USE_TLDS or ascii_host.endswith(".home.arpa"):
+        # Special-use names (RFC 6761 and friends) are local by definition:
+        # refused without asking DNS.
+        raise Refused("Refers to a private, local or reserved network address")
     if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
                         ascii_host):
         raise Refused("Not a valid host name")

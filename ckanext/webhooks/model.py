@@ -30,6 +30,8 @@ class Webhook(toolkit.BaseModel):
     id = Column(Text, primary_key=True)
     topic = Column(Text, nullable=False)
     address = Column(Text, nullable=False)
+    # The address's host, normalised: for the per-host limit and for reports.
+    host = Column(Text, nullable=False)
     # Standard Webhooks signing secret ("whsec_..."); never shown by the API.
     secret = Column(Text, nullable=True)
     # Whose read permissions apply to deliveries; NULL for anonymous hooks.
@@ -48,6 +50,7 @@ class Webhook(toolkit.BaseModel):
 
     __table_args__ = (
         UniqueConstraint("topic", "address", name="webhooks_topic_address_key"),
+        Index("webhooks_host_idx", "host"),
     )
 
 

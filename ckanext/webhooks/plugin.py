@@ -12,6 +12,7 @@ from . import capture, celery_app
 @toolkit.blanket.validators
 @toolkit.blanket.cli
 @toolkit.blanket.config_declarations
+@toolkit.blanket.blueprints
 class WebhooksPlugin(plugins.SingletonPlugin):
     plugins.implements(plugins.IConfigurable)
     plugins.implements(plugins.IDomainObjectModification, inherit=True)

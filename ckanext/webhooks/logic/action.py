@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError
 from ckan import model
 from ckan.plugins import toolkit
 
-from .. import ids
+from .. import guard, ids, verification
 from ..model import Webhook, WebhookDelivery, utcnow
 from . import schema
 
@@ -78,6 +78,10 @@ def webhook_create(context, data_dict):
         delivery carries a ``webhook-signature`` header. Never shown again.
     :type secret: string
 
+    Unless the portal turned it off, the address is verified first: it is
+    sent a single-use challenge that it must echo in a 2xx answer (see the
+    README's "Verification handshake").
+
     :returns: the id of the new webhook: keep it, it is the only key to show
         or delete the hook (every delivery carries it too)
     :rtype: string
@@ -89,11 +93,22 @@ def webhook_create(context, data_dict):
         topic=data["topic"], address=data["address"]).first()
     if exists:
         raise toolkit.ValidationError({"address": [DUPLICATE]})
+    host = guard.parse(data["address"])[1]
+    per_host = int(toolkit.config.get("ckanext.webhooks.max_hooks_per_host") or 100)
+    if session.query(Webhook.id).filter_by(host=host).limit(per_host).count() >= per_host:
+        raise toolkit.ValidationError({"address": [
+            f"This portal allows at most {per_host} webhooks per receiver host"]})
+    if verification.enabled():
+        try:
+            verification.verify(data["address"], data["topic"])
+        except (verification.Failed, guard.Refused) as failure:
+            raise toolkit.ValidationError({"address": [str(failure)]})
     user = context.get("auth_user_obj")
     hook = Webhook(
         id=ids.new_hook_id(),
         topic=data["topic"],
         address=data["address"],
+        host=host,
         secret=data.get("secret"),
         user_id=user.id if user is not None and getattr(user, "id", None) else None,
         created=utcnow(),

@@ -3,6 +3,9 @@ server and real HTTP receivers, all on loopback. Only Solr is a stand-in."""
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 import signal
 import subprocess
 
@@ -17,12 +20,29 @@ from .receiver import Receiver
 
 
 _solr = None
+NETGUARD = Path(__file__).parent / "netguard"
 
 
 def pytest_configure(config):
-    """The Solr stand-in must answer before CKAN's pytest plugin loads CKAN."""
+    """Before CKAN's pytest plugin loads CKAN: the network guard (here and in
+    every process the suite starts) and the Solr stand-in."""
     global _solr
+    log = Path(tempfile.mkdtemp(prefix="webhooks-netguard-")) / "violations.log"
+    os.environ["WEBHOOKS_NETGUARD_LOG"] = str(log)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
+    sys.path.insert(0, str(NETGUARD))
+    import sitecustomize  # noqa: F401 - installs the guard in this process
+    sitecustomize.install()
     _solr = processes.start_solr_standin()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Any attempt to reach beyond loopback fails the run, wherever it happened."""
+    log = Path(os.environ.get("WEBHOOKS_NETGUARD_LOG", "/nonexistent"))
+    if log.exists() and log.read_text().strip():
+        sys.stderr.write("\nNETWORK GUARD: attempts to leave loopback:\n" + log.read_text())
+        session.exitstatus = 1
 
 
 def pytest_unconfigure(config):

@@ -31,6 +31,9 @@ class Receiver:
     requests: list[Received] = field(default_factory=list)
     scripts: dict[str, list[int]] = field(default_factory=dict)
     headers_for: dict[str, dict] = field(default_factory=dict)
+    # How a path answers verification challenges: echo (default), json, 403, wrong.
+    verify_mode: dict[str, str] = field(default_factory=dict)
+    verifications: list[Received] = field(default_factory=list)
     _server: Optional[ThreadingHTTPServer] = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -44,6 +47,9 @@ class Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 path = self.path
+                challenge = self.headers.get("webhook-challenge")
+                if challenge is not None:
+                    return self._answer_challenge(path, body, challenge)
                 with receiver._cond:
                     receiver.requests.append(
                         Received(path, {k.lower(): v for k, v in self.headers.items()},
@@ -56,6 +62,24 @@ class Receiver:
                 for key, value in receiver.headers_for.get(path, {}).items():
                     self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def _answer_challenge(self, path, body, challenge):
+                with receiver._cond:
+                    receiver.verifications.append(
+                        Received(path, {k.lower(): v for k, v in self.headers.items()},
+                                 body, time.monotonic()))
+                mode = receiver.verify_mode.get(path, "echo")
+                status, reply = 200, challenge.encode()
+                if mode == "json":
+                    reply = json.dumps({"challenge": challenge}).encode()
+                elif mode == "wrong":
+                    reply = b"not-the-challenge"
+                elif mode.isdigit():
+                    status, reply = int(mode), b"no"
+                self.send_response(status)
                 self.send_header("Content-Length", str(len(reply)))
                 self.end_headers()
                 self.wfile.write(reply)

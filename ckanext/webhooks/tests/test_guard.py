@@ -64,3 +64,29 @@ def test_public_addresses_pass_the_check_without_resolving():
     # Literals are checked without DNS and nothing is contacted here.
     for literal in ("8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.8.8"):
         guard.check_ip(ipaddress.ip_address(literal))
+
+
+def test_one_lookup_per_attempt_and_any_bad_answer_refuses(monkeypatch):
+    """DNS rebinding: the name is resolved once, every answer is checked, and
+    the connection goes to a checked address (the sender never resolves)."""
+    calls = []
+
+    def fake_getaddrinfo(host, port, *args, **kwargs):
+        calls.append(host)
+        answers = ["127.0.0.2", "127.0.0.1"] if host == "rebind.example.net" else ["127.0.0.2"]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers]
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    with pytest.raises(guard.Refused):
+        guard.resolve("http://rebind.example.net/", ALLOW_TEST_RECEIVER)
+    target = guard.resolve("http://receiver.example.net:9/", ALLOW_TEST_RECEIVER)
+    assert target.addresses == (ipaddress.ip_address("127.0.0.2"),)
+    assert target.host_header == "receiver.example.net:9"
+    assert calls == ["rebind.example.net", "receiver.example.net"]
+
+
+def test_https_only(monkeypatch):
+    from ckan.plugins import toolkit
+    monkeypatch.setitem(toolkit.config, "ckanext.webhooks.https_only", "true")
+    with pytest.raises(guard.Refused, match="https"):
+        guard.parse("http://127.0.0.2/")
+    assert guard.parse("https://127.0.0.2/")[0] == "https"

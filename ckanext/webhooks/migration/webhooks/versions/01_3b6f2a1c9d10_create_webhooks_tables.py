@@ -22,6 +22,7 @@ def upgrade():
         sa.Column("id", sa.Text, primary_key=True),
         sa.Column("topic", sa.Text, nullable=False),
         sa.Column("address", sa.Text, nullable=False),
+        sa.Column("host", sa.Text, nullable=False),
         sa.Column("secret", sa.Text, nullable=True),
         sa.Column("user_id", sa.Text, nullable=True),
         sa.Column("created", TZ, nullable=False),
@@ -35,6 +36,7 @@ def upgrade():
         sa.Column("failing_since", TZ, nullable=True),
         sa.UniqueConstraint("topic", "address", name="webhooks_topic_address_key"),
     )
+    op.create_index("webhooks_host_idx", "webhooks", ["host"])
     op.create_table(
         "webhooks_event",
         sa.Column("id", sa.Text, primary_key=True),

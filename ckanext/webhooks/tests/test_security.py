@@ -1,0 +1,322 @@
+"""Safe for anonymous use: verification handshake, signatures, who hears what,
+SSRF re-checked at delivery, abuse limits, ids kept out of logs."""
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import time
+import uuid
+
+import ckanapi
+import pytest
+import sqlalchemy as sa
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from ckan import model
+from ckan.tests import factories, helpers
+
+from ckanext.webhooks import ids
+from ckanext.webhooks.model import Webhook
+
+from .receiver import Receiver
+
+
+def _name() -> str:
+    return f"ds-{uuid.uuid4().hex[:12]}"
+
+
+def _secret(size: int = 32) -> str:
+    return "whsec_" + base64.b64encode(os.urandom(size)).decode()
+
+
+def _api(app, action, data, status=None, token=None):
+    headers = {"Authorization": token} if token else {}
+    return app.post(f"/api/3/action/{action}", json=data, headers=headers, status=status)
+
+
+def _hooks() -> int:
+    return model.Session.query(Webhook).count()
+
+
+@pytest.mark.usefixtures("clean_db", "with_plugins")
+class TestVerificationHandshake:
+    def test_echo_and_json_answers_are_accepted(self, app, receiver):
+        receiver.verify_mode["/json"] = "json"
+        hook = _api(app, "webhook_create", {"topic": "dataset/create",
+                                            "address": receiver.url("/echo")}).json["result"]
+        _api(app, "webhook_create", {"topic": "dataset/create", "address": receiver.url("/json")})
+        assert _hooks() == 2
+        first, second = receiver.verifications
+        assert first.json["type"] == "webhook.verification"
+        assert first.json["topic"] == "dataset/create"
+        assert first.headers["webhook-challenge"] == first.json["challenge"]
+        assert first.json["challenge"] != second.json["challenge"]  # single use
+        assert len(first.json["challenge"]) >= 43
+        assert hook not in first.body.decode()
+        assert receiver.requests == []  # the handshake is not a delivery
+
+    @pytest.mark.parametrize("mode", ["403", "500", "wrong", "302"])
+    def test_a_receiver_that_does_not_echo_is_refused(self, app, receiver, mode):
+        receiver.verify_mode["/no"] = mode
+        body = _api(app, "webhook_create", {"topic": "dataset/create",
+                                            "address": receiver.url("/no")}, status=409).json
+        assert "verification" in body["error"]["address"][0]
+        assert _hooks() == 0
+
+    def test_nobody_listening_is_refused(self, app):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.2", 0))
+            port = sock.getsockname()[1]
+        body = _api(app, "webhook_create", {"topic": "dataset/create",
+                                            "address": f"http://127.0.0.2:{port}/x"},
+                    status=409).json
+        assert body["error"]["address"]
+        assert _hooks() == 0
+
+    def test_refused_addresses_are_never_contacted(self, app):
+        loopback = Receiver(host="127.0.0.1").start()  # not in allowed_networks
+        try:
+            for address in (loopback.url("/x"),
+                            f"http://2130706433:{loopback.port}/x",
+                            f"http://0x7f.1:{loopback.port}/x",
+                            f"http://[::ffff:127.0.0.1]:{loopback.port}/x",
+                            f"http://localhost:{loopback.port}/x"):
+                body = _api(app, "webhook_create", {"topic": "dataset/create",
+                                                    "address": address}, status=409).json
+                assert "private, local or reserved" in body["error"]["address"][0]
+            assert loopback.verifications == [] and loopback.requests == []
+            assert _hooks() == 0
+        finally:
+            loopback.stop()
+
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_can_be_switched_off(self, app, receiver):
+        receiver.verify_mode["/off"] = "403"
+        _api(app, "webhook_create", {"topic": "dataset/create", "address": receiver.url("/off")})
+        assert receiver.verifications == [] and _hooks() == 1
+
+
+@pytest.mark.usefixtures("clean_db", "with_plugins")
+class TestSecretsAndLimits:
+    def test_secret_is_never_shown(self, app, receiver):
+        secret = _secret()
+        hook = _api(app, "webhook_create", {"topic": "dataset/create", "secret": secret,
+                                            "address": receiver.url()}).json["result"]
+        shown = _api(app, "webhook_show", {"id": hook}).json["result"]
+        assert shown["signed"] is True and secret not in str(shown)
+
+    @pytest.mark.parametrize("secret", [
+        "whsec_", "whsec_" + base64.b64encode(os.urandom(23)).decode(),
+        "whsec_" + base64.b64encode(os.urandom(65)).decode(), "whsec_not base64!",
+        base64.b64encode(os.urandom(32)).decode(), "WHSEC_" + base64.b64encode(os.urandom(32)).decode(),
+        "whsec_" + "A" * 300])
+    def test_bad_secrets_are_refused(self, app, receiver, secret):
+        body = _api(app, "webhook_create", {"topic": "dataset/create", "secret": secret,
+                                            "address": receiver.url()}, status=409).json
+        assert body["error"]["secret"]
+        assert _hooks() == 0
+
+    @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "3")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_anonymous_creation_is_rate_limited_per_ip(self, app):
+        from ckan.lib.redis import connect_to_redis
+        for key in connect_to_redis().scan_iter("ckanext-webhooks:create:*"):
+            connect_to_redis().delete(key)
+        env = {"REMOTE_ADDR": "127.0.0.9"}
+        for n in range(3):
+            app.post("/api/3/action/webhook_create", extra_environ=env,
+                     json={"topic": "dataset/create", "address": f"http://127.0.0.2/{n}"})
+        response = app.post("/api/3/action/webhook_create", extra_environ=env, status=429,
+                            json={"topic": "dataset/create", "address": "http://127.0.0.2/4"})
+        assert response.json["error"]["__type"] == "Rate Limit Error"
+        assert int(response.headers["Retry-After"]) > 0
+        assert _hooks() == 3
+        # Another address, and logged-in users, are not affected.
+        app.post("/api/3/action/webhook_create", extra_environ={"REMOTE_ADDR": "127.0.0.10"},
+                 json={"topic": "dataset/create", "address": "http://127.0.0.2/5"})
+        user = factories.User()
+        token = factories.APIToken(user=user["name"])["token"]
+        app.post("/api/3/action/webhook_create", extra_environ=env,
+                 headers={"Authorization": token},
+                 json={"topic": "dataset/create", "address": "http://127.0.0.2/6"})
+        assert _hooks() == 5
+
+    @pytest.mark.ckan_config("ckanext.webhooks.max_hooks_per_host", "2")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_hooks_per_receiver_host_are_capped(self, app):
+        for n in range(2):
+            _api(app, "webhook_create", {"topic": "dataset/create",
+                                         "address": f"http://127.0.0.2:{8000 + n}/x"})
+        body = _api(app, "webhook_create", {"topic": "dataset/update",
+                                            "address": "http://127.0.0.2/y"}, status=409).json
+        assert "at most 2" in body["error"]["address"][0]
+        _api(app, "webhook_create", {"topic": "dataset/create", "address": "http://127.0.0.3/x"})
+        assert _hooks() == 3
+
+
+@pytest.fixture
+def member_token(organization):
+    """A plain user, member of the organization, with an API token."""
+    user = factories.User()
+    helpers.call_action("organization_member_create", id=organization["id"],
+                        username=user["name"], role="member")
+    return {"user": user, "token": factories.APIToken(user=user["name"])["token"]}
+
+
+@pytest.fixture
+def no_leftover_hooks(webhooks_tables):
+    model.Session.execute(sa.text("DELETE FROM webhooks"))
+    model.Session.commit()
+    yield
+    model.Session.remove()
+
+
+@pytest.mark.usefixtures("with_plugins", "no_leftover_hooks")
+class TestWhoHearsWhat:
+    def test_signed_deliveries_verify_with_the_standardwebhooks_library(
+            self, worker, live_ckan, receiver, sysadmin_token, organization):
+        secret = _secret(48)
+        anon = ckanapi.RemoteCKAN(live_ckan)
+        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/s"),
+                                   secret=secret)
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/u"))
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        [signed] = receiver.wait_count("/s", 1)
+        [unsigned] = receiver.wait_count("/u", 1)
+        payload = StandardWebhook(secret).verify(signed.body, signed.headers)
+        assert payload["event_id"] == signed.headers["webhook-id"]
+        with pytest.raises(Exception):
+            StandardWebhook(_secret(48)).verify(signed.body, signed.headers)
+        tampered = signed.body.replace(b'"topic"', b'"Topic"')
+        with pytest.raises(Exception):
+            StandardWebhook(secret).verify(tampered, signed.headers)
+        assert "webhook-signature" not in unsigned.headers
+
+    def test_user_hooks_follow_the_users_permissions(
+            self, worker, live_ckan, receiver, sysadmin_token, organization, member_token):
+        anon = ckanapi.RemoteCKAN(live_ckan)
+        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
+        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/anon"))
+        anon.action.webhook_create(topic="resource/create", address=receiver.url("/anon-res"))
+        member.action.webhook_create(topic="dataset/create", address=receiver.url("/member"))
+        private = admin.action.package_create(name=_name(), owner_org=organization["id"],
+                                              private=True)
+        admin.action.resource_create(package_id=private["id"], url="http://a.test/secret.csv")
+        draft = admin.action.package_create(name=_name(), owner_org=organization["id"],
+                                            state="draft")
+        public = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/member", 2)
+        receiver.wait_count("/anon", 1)
+        time.sleep(1.5)
+        assert [r.json["data"]["id"] for r in receiver.on("/anon")] == [public["id"]]
+        assert receiver.on("/anon-res") == []
+        assert {r.json["data"]["id"] for r in receiver.on("/member")} == {
+            private["id"], public["id"]}
+        assert draft["id"] not in str([r.body for r in receiver.requests])
+
+        # The member leaves the organization: private datasets stop reaching them.
+        as_admin = {"user": sysadmin_token["user"]["name"]}
+        helpers.call_action("organization_member_delete", context=dict(as_admin),
+                            id=organization["id"], username=member_token["user"]["name"])
+        admin.action.package_create(name=_name(), owner_org=organization["id"], private=True)
+        last = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_for(lambda rs: any(r.path == "/member" and r.json["data"]["id"] == last["id"]
+                                         for r in rs))
+        time.sleep(1)
+        assert len(receiver.on("/member")) == 3
+
+        # The user is deleted: nothing reaches their hooks any more.
+        helpers.call_action("user_delete", context=dict(as_admin), id=member_token["user"]["id"])
+        final = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_for(lambda rs: any(r.path == "/anon" and r.json["data"]["id"] == final["id"]
+                                         for r in rs))
+        time.sleep(1)
+        assert len(receiver.on("/member")) == 3
+
+    def test_made_private_after_capture_is_not_delivered(
+            self, only_my_workers, live_ckan, receiver, sysadmin_token, organization,
+            member_token):
+        anon = ckanapi.RemoteCKAN(live_ckan)
+        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
+        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon.action.webhook_create(topic="dataset/create", address=receiver.url("/anon"))
+        member.action.webhook_create(topic="dataset/create", address=receiver.url("/member"))
+        # Captured while public; made private before any worker ran.
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        admin.action.package_patch(id=dataset["id"], private=True)
+        from . import processes
+        worker = processes.start_worker(name="worker-private-after")
+        try:
+            receiver.wait_count("/member", 1)
+            time.sleep(1.5)
+            assert receiver.on("/anon") == []
+        finally:
+            worker.stop()
+
+    def test_delete_events_reveal_nothing_new(
+            self, worker, live_ckan, receiver, sysadmin_token, organization, member_token):
+        anon = ckanapi.RemoteCKAN(live_ckan)
+        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
+        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon.action.webhook_create(topic="dataset/delete", address=receiver.url("/anon"))
+        member.action.webhook_create(topic="dataset/delete", address=receiver.url("/member"))
+        private = admin.action.package_create(name=_name(), owner_org=organization["id"],
+                                              private=True)
+        public = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        admin.action.package_delete(id=private["id"])
+        admin.action.dataset_purge(id=public["id"])
+        receiver.wait_count("/member", 2)
+        receiver.wait_count("/anon", 1)
+        time.sleep(1.5)
+        assert [r.json["data"]["id"] for r in receiver.on("/anon")] == [public["id"]]
+        purged = receiver.on("/anon")[0].json["data"]
+        assert purged["name"] == public["name"]  # what was last known of it
+
+    def test_delivery_rechecks_the_address(self, worker, receiver, sysadmin_token,
+                                           organization):
+        """A stored address that became refused (DNS changed, or allowed_networks
+        was narrowed) is not contacted at delivery."""
+        loopback = Receiver(host="127.0.0.1").start()
+        hook_id = ids.new_hook_id()
+        model.Session.add(Webhook(id=hook_id, topic="dataset/create", host="127.0.0.1",
+                                  address=loopback.url("/x"), created=model.Session.execute(
+                                      sa.text("select now()")).scalar()))
+        model.Session.commit()
+        try:
+            factories.Dataset(owner_org=organization["id"])
+            deadline = time.time() + 15
+            while True:
+                model.Session.expire_all()
+                hook = model.Session.get(Webhook, hook_id)
+                if hook is None or hook.delivery_count:
+                    break
+                assert time.time() < deadline, "no delivery attempt recorded"
+                time.sleep(0.3)
+            assert loopback.requests == [] and loopback.verifications == []
+            assert hook is None or hook.last_error == "refused_address"
+        finally:
+            loopback.stop()
+
+
+def test_hook_ids_stay_out_of_worker_logs(worker):
+    """Every hook created so far by the suite went through this worker's
+    deliveries and prunes: none of their ids may appear in its log."""
+    log = worker.output()
+    created = [row[0] for row in model.Session.execute(sa.text("SELECT id FROM webhooks"))]
+    model.Session.remove()
+    assert "pruned webhook hook:" in log or "webhook" in log
+    for hook_id in created:
+        assert hook_id not in log
+
+
+def test_network_guard_refuses_before_sending(tmp_path, monkeypatch):
+    """The suite's own safety net: connecting outside loopback raises."""
+    monkeypatch.setenv("WEBHOOKS_NETGUARD_LOG", str(tmp_path / "log"))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("10.0.0.1", 80), timeout=1)
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("receiver.example", 80)
+    assert "10.0.0.1" in (tmp_path / "log").read_text()
