@@ -6,6 +6,8 @@ import json
 import subprocess
 import uuid
 
+import ckanapi
+import pytest
 import sqlalchemy as sa
 
 from . import processes
@@ -79,3 +81,54 @@ def test_prune_command_reports_what_it_removed(webhooks_tables):
     result = _ckan(processes.TEST_INI, "webhooks", "prune")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"stale_hooks", "old_events"}
+
+
+def test_stale_hooks_are_pruned_and_reported(webhooks_tables, live_ckan):
+    """A hook answering nothing but failures for stale_after_days is deleted by
+    the pruning task (run here through the CLI); healthy hooks stay."""
+    from ckan import model
+    client = ckanapi.RemoteCKAN(live_ckan)
+    stale, fresh, healthy = (f"hook-{uuid.uuid4().hex}" for _ in range(3))
+    with model.meta.engine.begin() as conn:
+        for hook_id, failing in ((stale, "now() - interval '6 days'"),
+                                 (fresh, "now() - interval '1 day'"), (healthy, "NULL")):
+            conn.execute(sa.text(f"""
+                INSERT INTO webhooks (id, topic, address, host, created, failing_since)
+                VALUES (:id, 'dataset/create', :address, '127.0.0.2', now(), {failing})
+            """), {"id": hook_id, "address": f"http://127.0.0.2/{hook_id}"})
+    result = _ckan(processes.TEST_INI, "webhooks", "prune")
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["stale_hooks"] >= 1
+    with pytest.raises(ckanapi.NotFound):
+        client.action.webhook_show(id=stale)
+    assert client.action.webhook_show(id=fresh)["id"] == fresh
+    assert client.action.webhook_show(id=healthy)["id"] == healthy
+    assert stale not in result.stdout + result.stderr  # ids never logged
+
+
+BAD_REMOTE = [
+    ({"topic": "dataset/create"}, ckanapi.ValidationError),
+    ({"topic": "nope", "address": "http://127.0.0.2/x"}, ckanapi.ValidationError),
+    ({"topic": "dataset/create", "address": "ftp://127.0.0.2/x"}, ckanapi.ValidationError),
+    ({"topic": "dataset/create", "address": ["http://127.0.0.2/x"]}, ckanapi.ValidationError),
+    ({"topic": "dataset/create", "address": "http://10.0.0.1/x"}, ckanapi.ValidationError),
+    ({"topic": "dataset/create", "address": "http://127.0.0.2/" + "x" * 2100},
+     ckanapi.ValidationError),
+]
+
+
+@pytest.mark.parametrize("data,error", BAD_REMOTE)
+def test_ckanapi_remote_gets_clear_errors(live_ckan, data, error):
+    from ckan import model
+    client = ckanapi.RemoteCKAN(live_ckan)
+    before = model.Session.execute(sa.text("SELECT count(*) FROM webhooks")).scalar()
+    with pytest.raises(error) as raised:
+        client.action.webhook_create(**data)
+    assert raised.value.error_dict
+    with pytest.raises(ckanapi.NotFound):
+        client.action.webhook_show(id="x" * 43)
+    with pytest.raises(ckanapi.NotFound):
+        client.action.webhook_delete(id="x" * 43)
+    after = model.Session.execute(sa.text("SELECT count(*) FROM webhooks")).scalar()
+    model.Session.remove()
+    assert after == before
