@@ -1,11 +1,13 @@
 """Event capture: CKAN's domain object notifications become outbox rows.
 
 ``IDomainObjectModification.notify`` runs in ``before_commit``, inside the
-writer's transaction. Each event is written there to ``webhooks_event``, in a
-SAVEPOINT so that a webhooks failure can never abort the user's save, and
-published to the broker only after the transaction commits. A rolled back
-change therefore leaves no event, and a committed one always has its row,
-whatever the broker's state: the sweeper publishes rows the broker missed.
+writer's transaction. Each event is written there to ``webhooks_event`` (the
+outbox), in a SAVEPOINT so that a webhooks failure can never abort the user's
+save. A trigger on that table makes PostgreSQL notify the workers when, and
+only when, the transaction commits; the web process never talks to the
+broker. A rolled back change leaves no event, and a committed one always has
+its row, whatever the broker's state: the workers' sweep picks up anything a
+notification missed.
 
 CKAN reports a package ``new`` and also ``changed`` in one commit, reports a
 resource's package as ``changed``, and announces soft deletes as ``changed``
@@ -35,7 +37,6 @@ log = logging.getLogger(__name__)
 # Keys of Session.info, our own per-transaction state.
 SEEN = "ckanext.webhooks.seen"            # {(kind, id)}: entities already decided
 OLD_STATE = "ckanext.webhooks.old_state"  # {id: state before this transaction}
-TO_PUBLISH = "ckanext.webhooks.publish"   # event ids written in this transaction
 
 ACTIVE, DELETED, DRAFT = "active", "deleted", "draft"
 
@@ -98,7 +99,6 @@ def _record(entity: Any, operation: Any) -> None:
     connection = session.connection()
     with connection.begin_nested():
         connection.execute(sa.insert(WebhookEvent), [row])
-    session.info.setdefault(TO_PUBLISH, []).append(row["id"])
 
 
 def _transition(old: Optional[str], new: Optional[str], operation: str
@@ -160,17 +160,10 @@ def _remember_old_states(session, flush_context, instances) -> None:
                 old_states[obj.id] = before[0]
 
 
-def _forget(session, *args) -> list[str]:
+def _forget(session, *args) -> None:
+    """CKAN deletes its _object_cache at the end of a transaction; so do we."""
     session.info.pop(SEEN, None)
     session.info.pop(OLD_STATE, None)
-    return session.info.pop(TO_PUBLISH, None) or []
-
-
-def _after_commit(session) -> None:
-    event_ids = _forget(session)
-    if event_ids:
-        from .publisher import publish_after_commit
-        publish_after_commit(event_ids)
 
 
 _installed = False
@@ -182,6 +175,6 @@ def install_listeners() -> None:
     if _installed:
         return
     sa_event.listen(orm.Session, "before_flush", _remember_old_states)
-    sa_event.listen(orm.Session, "after_commit", _after_commit)
+    sa_event.listen(orm.Session, "after_commit", _forget)
     sa_event.listen(orm.Session, "after_rollback", _forget)
     _installed = True

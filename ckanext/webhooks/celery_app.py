@@ -1,7 +1,8 @@
 """The Celery wiring: the app, its configuration from the CKAN ini, the task
 base class that gives every task a CKAN app context, and the worker command.
 
-Celery messages only wake workers up; the durable state lives in the
+Celery messages only wake workers up (and the workers' own outbox listener,
+:mod:`listener`, is what publishes them); the durable state lives in the
 database (``webhooks_event`` and ``webhooks_delivery``), so tasks are acked on
 receipt and no message ever waits in the broker for a retry (a Redis broker
 would redeliver it after its visibility timeout and multiply it).
@@ -39,6 +40,11 @@ class CKANTask(Task):
 
 celery = Celery("ckanext.webhooks", task_cls=CKANTask, set_as_current=False)
 _flask = None
+
+
+def _add_listener() -> None:
+    from .listener import OutboxListener
+    celery.steps["consumer"].add(OutboxListener)
 
 
 def _flask_app():
@@ -90,9 +96,9 @@ def configure(config: Any) -> None:
     )
 
 
-def send_fanout(event_ids: list[str], token: str | None = None) -> None:
-    """Publish a fan-out request; raises quickly when the broker is away."""
-    celery.send_task(FANOUT, args=[event_ids, token], queue=queue_name(), retry=False)
+def send_fanout() -> None:
+    """Ask a worker to fan out pending events; raises quickly when the broker is away."""
+    celery.send_task(FANOUT, queue=queue_name(), retry=False)
 
 
 def send_drain(count: int = 1, event_id: str | None = None) -> None:
@@ -119,6 +125,7 @@ def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
     global _flask
     _flask = flask_app
     from . import tasks  # noqa: F401 - registers the tasks
+    _add_listener()
     schedule = os.path.join(tempfile.gettempdir(),
                             f"ckanext-webhooks-beat-{os.getpid()}")
     argv = ["worker", f"--loglevel={loglevel}", "-Q", queue_name(),

@@ -23,7 +23,6 @@ import math
 import random
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -105,43 +104,52 @@ def reset_process_state() -> None:
 
 # --- fan-out ----------------------------------------------------------------
 
-def fan_out(event_ids: list[str], token: Optional[str] = None) -> int:
-    """Queue deliveries of the given events; returns how many were queued."""
+FANOUT_EVENTS = 100  # events a fan-out task takes at a time
+
+
+def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
+    """Fan out committed events no worker has taken yet.
+
+    Returns (events fanned out, deliveries queued).
+
+    Each event is taken under a row lock (``FOR UPDATE SKIP LOCKED``: other
+    workers skip it, and a worker that dies lets it go), its entity view is
+    taken, and its deliveries are queued and the event marked fanned out in
+    the same transaction.
+    """
     session = model.Session
-    claimed = session.execute(sa.text("""
-        UPDATE webhooks_event
-           SET lease_until = now() + make_interval(secs => :lease), lease_token = NULL
-         WHERE id = ANY(:ids) AND fanned_out IS NULL
-           AND (lease_until IS NULL OR lease_until < now() OR lease_token = :token)
-        RETURNING id
-    """), {"ids": list(event_ids), "lease": lease_seconds(), "token": token or ""}
-    ).scalars().all()
-    session.commit()
+    event_ids = session.execute(sa.text("""
+        SELECT id FROM webhooks_event WHERE fanned_out IS NULL
+         ORDER BY created LIMIT :limit FOR UPDATE SKIP LOCKED
+    """), {"limit": limit}).scalars().all()
     queued = 0
-    for event_id in claimed:
+    for event_id in event_ids:
         event = session.get(WebhookEvent, event_id)
-        if event.data is None:  # the web process could not take it: take it now
-            event.data = _entity_view(event)
+        # The entity's API view, taken now, right after the commit, and kept:
+        # every delivery and retry of this event sends exactly this.
+        event.data = _entity_view(event)
+        event.fanned_out = _now()
+        session.flush()
         result = session.execute(sa.text("""
             INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
             SELECT :event_id, id, 0, now() FROM webhooks WHERE topic = :topic
             ON CONFLICT DO NOTHING
         """), {"event_id": event_id, "topic": event.topic})
-        event.fanned_out = _now()
-        session.commit()
         queued += result.rowcount
+        _remember_envelope(event)
         log.debug("event %s (%s) fanned out to %d hook(s)", event_id, event.topic,
                   result.rowcount)
-    return queued
-
-
-def record_entity_views(event_ids: list[str]) -> None:
-    """Store each event's entity as the action API shows it now (after commit)."""
-    session = model.Session
-    for event in session.query(WebhookEvent).filter(WebhookEvent.id.in_(event_ids),
-                                                     WebhookEvent.data.is_(None)):
-        event.data = _entity_view(event)
     session.commit()
+    return len(event_ids), queued
+
+
+def pending_events(min_age: float) -> bool:
+    """Are there committed events older than ``min_age`` seconds not fanned out?"""
+    return bool(model.Session.execute(sa.text("""
+        SELECT 1 FROM webhooks_event
+         WHERE fanned_out IS NULL AND created <= now() - make_interval(secs => :age)
+         LIMIT 1
+    """), {"age": min_age}).first())
 
 
 def _entity_view(event: WebhookEvent) -> dict:
@@ -255,10 +263,14 @@ def _envelope(event_id: str) -> tuple[Any, str]:
     event = model.Session.get(WebhookEvent, event_id)
     if event is None:
         return None, ""
+    return _remember_envelope(event)
+
+
+def _remember_envelope(event: WebhookEvent) -> tuple[Any, str]:
     data_json = json.dumps(event.data if event.data is not None else {},
                            separators=(",", ":"), default=str)
     cached = (_DetachedEvent(event), payload.event_envelope(event, data_json))
-    _envelopes[event_id] = cached
+    _envelopes[event.id] = cached
     while len(_envelopes) > 64:
         _envelopes.popitem(last=False)
     return cached
@@ -391,22 +403,6 @@ def _host(address: str) -> str:
 
 
 # --- sweeping and pruning -----------------------------------------------------
-
-def unpublished_events(limit: int = 1000) -> tuple[list[str], str]:
-    """Lease events the broker never handed to a worker; returns (ids, token)."""
-    token = uuid.uuid4().hex
-    ids = model.Session.execute(sa.text("""
-        UPDATE webhooks_event SET lease_until = now() + make_interval(secs => :lease),
-                                  lease_token = :token
-         WHERE id IN (SELECT id FROM webhooks_event
-                       WHERE fanned_out IS NULL AND created < now() - interval '1 second'
-                         AND (lease_until IS NULL OR lease_until < now())
-                       ORDER BY created LIMIT :limit FOR UPDATE SKIP LOCKED)
-        RETURNING id
-    """), {"lease": lease_seconds(), "token": token, "limit": limit}).scalars().all()
-    model.Session.commit()
-    return list(ids), token
-
 
 def due_count(cap: int = 100000) -> int:
     return model.Session.execute(sa.text(

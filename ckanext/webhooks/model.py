@@ -70,9 +70,6 @@ class WebhookEvent(toolkit.BaseModel):
     data = Column(JSONB, nullable=True)
     # NULL until a worker has queued a delivery for every subscribed hook.
     fanned_out = Column(DateTime(timezone=True), nullable=True)
-    lease_until = Column(DateTime(timezone=True), nullable=True)
-    # Which sweep published it again (that message may take over the lease).
-    lease_token = Column(Text, nullable=True)
 
     __table_args__ = (
         Index("webhooks_event_pending_idx", "created",

@@ -20,7 +20,7 @@ class WebhooksPlugin(plugins.SingletonPlugin):
     # IConfigurable
 
     def configure(self, config):
-        celery_app.configure(config)
+        celery_app.configure(config)  # used by the worker and the CLI
         capture.install_listeners()
 
     # IDomainObjectModification

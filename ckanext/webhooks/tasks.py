@@ -1,5 +1,6 @@
 """Celery tasks. Thin on purpose: the work is in :mod:`dispatcher`, the
-durable state in the database, so a task can be lost or run twice."""
+durable state in the database, so a task can be lost or run twice: the
+messages carry no data, they only say "there is work"."""
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,13 @@ def _ask(count: int, event_id: Optional[str] = None) -> None:
 
 
 @celery.task(name=FANOUT)
-def fanout(event_ids: list[str], token: Optional[str] = None) -> int:
-    queued = dispatcher.fan_out(event_ids, token)
+def fanout() -> int:
+    events, queued = dispatcher.fan_out()
+    if events == dispatcher.FANOUT_EVENTS:  # more may be waiting
+        try:
+            send_fanout()
+        except Exception as error:  # noqa: BLE001 - the sweep will ask again
+            log.warning("could not queue a fan-out task: %s", error)
     if queued:
         _ask(_helpers_for(queued))
         _, more = dispatcher.drain()
@@ -47,10 +53,9 @@ def drain(event_id: Optional[str] = None) -> int:
 
 @celery.task(name=SWEEP)
 def sweep() -> None:
-    event_ids, token = dispatcher.unpublished_events()
-    if event_ids:
-        log.info("sweep: publishing %d event(s) that missed the broker", len(event_ids))
-        send_fanout(event_ids, token)
+    if dispatcher.pending_events(min_age=1.0):
+        log.info("sweep: events wait for a fan-out no notification asked for")
+        send_fanout()
     due = dispatcher.due_count()
     if due:
         _ask(_helpers_for(due) + 1)

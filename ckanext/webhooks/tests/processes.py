@@ -130,10 +130,13 @@ def _wait_or_stop(proc: Process, port: int, timeout: float) -> None:
         raise RuntimeError(f"{proc.name} did not start:\n{proc.output()[-3000:]}")
 
 
-def start_worker(ini: Path = TEST_INI, concurrency: int = 2, name: str = "worker",
+def start_worker(ini: Path = TEST_INI, concurrency: Optional[int] = 2, name: str = "worker",
                  extra: tuple[str, ...] = ()) -> Process:
-    proc = Process(name, [str(BIN / "ckan"), "-c", str(ini), "webhooks", "worker",
-                          f"--concurrency={concurrency}", "--loglevel=INFO", *extra])
+    """``concurrency=None`` is the worker's default setup (a process per core)."""
+    argv = [str(BIN / "ckan"), "-c", str(ini), "webhooks", "worker", "--loglevel=INFO", *extra]
+    if concurrency:
+        argv.insert(-1 - len(extra), f"--concurrency={concurrency}")
+    proc = Process(name, argv)
     deadline = time.monotonic() + 60
     while "worker ready" not in proc.output():
         if not proc.alive() or time.monotonic() > deadline:

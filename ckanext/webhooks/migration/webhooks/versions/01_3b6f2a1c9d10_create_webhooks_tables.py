@@ -47,11 +47,23 @@ def upgrade():
         sa.Column("snapshot", JSONB, nullable=True),
         sa.Column("data", JSONB, nullable=True),
         sa.Column("fanned_out", TZ, nullable=True),
-        sa.Column("lease_until", TZ, nullable=True),
-        sa.Column("lease_token", sa.Text, nullable=True),
     )
     op.create_index("webhooks_event_pending_idx", "webhooks_event", ["created"],
                     postgresql_where=sa.text("fanned_out IS NULL"))
+    # Workers LISTEN on this channel: PostgreSQL notifies them when a writer's
+    # transaction that recorded events commits (and never if it rolls back),
+    # so the web process itself never talks to the broker.
+    op.execute("""
+        CREATE OR REPLACE FUNCTION webhooks_event_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('ckanext_webhooks_events', '');
+            RETURN NULL;
+        END $$
+    """)
+    op.execute("""
+        CREATE TRIGGER webhooks_event_notify AFTER INSERT ON webhooks_event
+        FOR EACH STATEMENT EXECUTE FUNCTION webhooks_event_notify()
+    """)
     op.create_table(
         "webhooks_delivery",
         sa.Column("event_id", sa.Text,
@@ -69,5 +81,7 @@ def upgrade():
 
 def downgrade():
     op.drop_table("webhooks_delivery")
+    op.execute("DROP TRIGGER IF EXISTS webhooks_event_notify ON webhooks_event")
     op.drop_table("webhooks_event")
+    op.execute("DROP FUNCTION IF EXISTS webhooks_event_notify()")
     op.drop_table("webhooks")
