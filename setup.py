@@ -16,6 +16,7 @@ setup(
         "celery>=5.7,<6",
         "kombu>=5.7,<6",
         "standardwebhooks>=1.0.1,<2",
+        "h11>=0.16,<1",
     ],
     entry_points={
         "ckan.plugins": [

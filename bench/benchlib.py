@@ -82,9 +82,10 @@ def receiver_call(port: int, path: str, method: str = "GET"):
         return json.loads(response.read())
 
 
-def start_receiver(port: int) -> processes.Process:
+def start_receiver(port: int, impl: str = "asyncio") -> processes.Process:
     proc = processes.Process("bench-receiver", [sys.executable, str(ROOT / "bench" / "receiver.py"),
-                                                "--host", RECEIVER_HOST, "--port", str(port)])
+                                                "--host", RECEIVER_HOST, "--port", str(port),
+                                                "--impl", impl])
     processes.wait_port(port, 15, host=RECEIVER_HOST, proc=proc.proc)
     return proc
 

@@ -144,6 +144,7 @@ def serve_stdlib(host: str, port: int) -> None:
 
     class Server(ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = 1024  # the listen backlog (5 by default)
 
         def handle_error(self, request, client_address):
             pass  # clients hanging up (wrk stopping) are not errors here

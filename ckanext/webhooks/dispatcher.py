@@ -23,7 +23,6 @@ import math
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -70,35 +69,30 @@ def lease_seconds() -> float:
 # --- per-process state ------------------------------------------------------
 
 _sender: Optional[Sender] = None
-_executor: Optional[ThreadPoolExecutor] = None
 _state_lock = threading.Lock()
 _envelopes: "collections.OrderedDict[str, tuple[Any, str]]" = collections.OrderedDict()
 
 
-def _process_sender() -> tuple[Sender, ThreadPoolExecutor]:
-    global _sender, _executor
+def _process_sender() -> Sender:
+    global _sender
     with _state_lock:
         if _sender is None:
             _sender = Sender(
                 connect_timeout=float(_cfg("connect_timeout", 5)),
                 total_timeout=float(_cfg("timeout", 15)),
                 max_bytes=int(_cfg("max_response_bytes", 20480)),
-                pool_size=concurrency(),
+                concurrency=concurrency(),
             )
-            _executor = ThreadPoolExecutor(concurrency(),
-                                           thread_name_prefix="ckanext-webhooks-send")
-    return _sender, _executor  # type: ignore[return-value]
+    return _sender
 
 
 def reset_process_state() -> None:
-    """Forget pools and caches (after a fork, or when the config changes)."""
-    global _sender, _executor
+    """Forget connections and caches (after a fork, or when the config changes)."""
+    global _sender
     with _state_lock:
         if _sender is not None:
             _sender.close()
-        if _executor is not None:
-            _executor.shutdown(wait=False)
-        _sender, _executor = None, None
+        _sender = None
         _envelopes.clear()
 
 
@@ -192,27 +186,40 @@ def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
 def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bool]:
     """Deliver due work until none is left or ``budget`` seconds have passed.
 
+    Pipelined: while one batch is on the wire, the next one is claimed and
+    prepared, and the one before is recorded.
     Returns (attempts made, whether due work may remain).
     """
     started = time.monotonic()
-    total = 0
-    while time.monotonic() - started < budget:
-        jobs = claim(batch_size(), event_id)
-        if not jobs:
-            return total, False
-        deliver(jobs)
+    total, in_flight, more = 0, None, True
+    while True:
+        jobs = []
+        if time.monotonic() - started < budget:
+            jobs = claim(batch_size(), event_id)
+            more = bool(jobs)
+        sending = _send(jobs, _prepare(jobs)) if jobs else None
+        if in_flight is not None:
+            _finish(*in_flight)
+        if sending is None:
+            return total, more and time.monotonic() - started >= budget
+        in_flight = sending
         total += len(jobs)
-    return total, True
 
 
 def deliver(jobs: list[_Job]) -> None:
+    """Deliver one claimed batch (prepare, send, record)."""
+    _finish(*_send(jobs, _prepare(jobs)))
+
+
+def _prepare(jobs: list[_Job]) -> list[_Job]:
+    """Decide, for each claimed job, whether and what to send; returns the sendable."""
     session = model.Session
     hooks = {h.id: h for h in session.query(
         Webhook.id, Webhook.address, Webhook.secret, Webhook.user_id
     ).filter(Webhook.id.in_({j.hook_id for j in jobs}))}
     readers: dict = {}
     visible: dict = {}
-    targets: dict = {}
+    hosts: dict = {}
     allowed = guard.allowed_networks()
     sendable = []
     for job in jobs:
@@ -231,13 +238,9 @@ def deliver(jobs: list[_Job]) -> None:
         if not visible[key]:
             job.drop = "not_visible"
             continue
-        if hook.address not in targets:
-            try:
-                targets[hook.address] = guard.resolve(hook.address, allowed)
-            except guard.Refused as refused:
-                targets[hook.address] = refused
-        target = targets[hook.address]
-        if isinstance(target, guard.Refused):
+        try:  # checked again at every attempt: DNS answers change
+            target = guard.resolve(hook.address, allowed, hosts)
+        except guard.Refused:
             job.outcome = Outcome(None, "refused_address", 0.0)
             continue
         job.target = target
@@ -245,12 +248,19 @@ def deliver(jobs: list[_Job]) -> None:
         job.headers = signing.headers(job.event_id, job.body, hook.secret)
         sendable.append(job)
     session.rollback()  # end the read transaction before the slow part
+    return sendable
 
-    if sendable:
-        sender, executor = _process_sender()
-        outcomes = executor.map(
-            lambda j: sender.post(j.target, j.body.encode("utf-8"), j.headers), sendable)
-        for job, outcome in zip(sendable, outcomes):
+
+def _send(jobs: list[_Job], sendable: list[_Job]):
+    future = _process_sender().submit(
+        (job.target, job.body.encode("utf-8"), job.headers) for job in sendable) \
+        if sendable else None
+    return jobs, sendable, future
+
+
+def _finish(jobs: list[_Job], sendable: list[_Job], future) -> None:
+    if future is not None:
+        for job, outcome in zip(sendable, future.result()):
             job.outcome = outcome
     _record(jobs)
 

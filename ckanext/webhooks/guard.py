@@ -14,6 +14,7 @@ such an IPv4 address (mapped, NAT64, 6to4, Teredo).
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -25,6 +26,7 @@ from ckan.plugins import toolkit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 _LEGACY_IPV4 = re.compile(r"^(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]+)){0,3}$")
 MAX_ADDRESS_LENGTH = 2000
 _SPECIAL_USE_TLDS = {"localhost", "local", "internal", "intranet", "lan", "home", "corp",
@@ -63,7 +65,7 @@ def parse(address: str) -> tuple[str, str, int, str]:
         raise Refused("Missing value")
     if len(address) > MAX_ADDRESS_LENGTH:
         raise Refused(f"Must be at most {MAX_ADDRESS_LENGTH} characters")
-    if any(ord(ch) < 33 or ord(ch) == 127 for ch in address):
+    if _CONTROL.search(address):
         raise Refused("Must not contain spaces or control characters")
     try:
         parts = urlsplit(address)
@@ -92,6 +94,7 @@ def parse(address: str) -> tuple[str, str, int, str]:
     return scheme, host, port, path
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalise_host(host: str) -> str:
     literal = _ip_literal(host)
     if literal is not None:
@@ -156,11 +159,31 @@ def check_ip(ip: IPAddress, allowed: Iterable = ()) -> None:
         raise Refused("Refers to a private, local or reserved network address")
 
 
-def resolve(address: str, allowed: Optional[list] = None) -> Target:
-    """Parse, resolve and check ``address``; the Target holds checked IPs only."""
+def resolve(address: str, allowed: Optional[list] = None,
+            hosts: Optional[dict] = None) -> Target:
+    """Parse, resolve and check ``address``; the Target holds checked IPs only.
+
+    ``hosts`` caches the outcome per (host, port) for the duration of one
+    batch of deliveries: many hooks share a receiver host.
+    """
     scheme, host, port, path = parse(address)
     if allowed is None:
         allowed = allowed_networks()
+    if hosts is not None:
+        key = (host, port)
+        if key not in hosts:
+            try:
+                hosts[key] = _resolve_host(host, port, allowed)
+            except Refused as refused:
+                hosts[key] = refused
+        found = hosts[key]
+        if isinstance(found, Refused):
+            raise found
+        return Target(scheme, host, port, path, found)
+    return Target(scheme, host, port, path, _resolve_host(host, port, allowed))
+
+
+def _resolve_host(host: str, port: int, allowed: list) -> tuple[IPAddress, ...]:
     literal = _ip_literal(host)
     if literal is not None:
         ips: list[IPAddress] = [literal]
@@ -178,4 +201,4 @@ def resolve(address: str, allowed: Optional[list] = None) -> Target:
             raise Refused("The host name could not be resolved")
     for ip in ips:  # one bad address refuses the name: rebinding tricks mix them
         check_ip(ip, allowed)
-    return Target(scheme, host, port, path, tuple(ips))
+    return tuple(ips)

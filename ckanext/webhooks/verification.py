@@ -37,7 +37,7 @@ def _get_sender() -> Sender:
             _sender = Sender(
                 connect_timeout=float(cfg.get("ckanext.webhooks.connect_timeout") or 5),
                 total_timeout=float(cfg.get("ckanext.webhooks.timeout") or 15),
-                max_bytes=4096, pool_size=8)
+                max_bytes=4096, concurrency=8)
     return _sender
 
 
