@@ -91,6 +91,7 @@ def main() -> None:
         # A best case no real consumer reaches (an asyncio counter).
         "asyncio": {"curve": [args.hooks]},
     }
+    reset_webhooks()  # no events left over by another benchmark
     solr = processes.start_solr_standin()
     web = processes.start_ckan(ini, WEB_PORT)
     worker = processes.start_worker(ini, concurrency=None, name="bench-worker")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import json
 import logging
 from typing import Any, Optional
 
@@ -30,7 +31,7 @@ from sqlalchemy import orm
 from ckan import model
 
 from . import ids, topics
-from .model import WebhookEvent, utcnow
+from .model import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,33 @@ def _record(entity: Any, operation: Any) -> None:
         "object_id": entity.id,
         "package_id": entity.id if kind == "dataset" else entity.package_id,
         "created": utcnow(),
-        "snapshot": snapshot,
+        "snapshot": json.dumps(snapshot),
     }
-    # A SAVEPOINT: if this fails (say the migration was not run) the user's
-    # transaction goes on without the event instead of failing. It is taken on
-    # the connection, not the Session: a Session savepoint would fire
-    # before_commit, and with it CKAN's notifications, once more.
+    _insert_in_savepoint(session, row)
+
+
+_INSERT = (
+    "SAVEPOINT ckanext_webhooks_outbox; "
+    "INSERT INTO webhooks_event (id, topic, object_id, package_id, created, snapshot) "
+    "VALUES (%(id)s, %(topic)s, %(object_id)s, %(package_id)s, %(created)s, "
+    "CAST(%(snapshot)s AS jsonb)); "
+    "RELEASE SAVEPOINT ckanext_webhooks_outbox")
+
+
+def _insert_in_savepoint(session, row: dict) -> None:
+    """Write the event inside a SAVEPOINT, in one round trip.
+
+    If the insert fails (say the migration was not run), the savepoint is
+    rolled back and the user's transaction goes on without the event. It is
+    taken on the DB-API cursor, not the Session: a Session savepoint would fire
+    before_commit, and with it CKAN's notifications, once more.
+    """
     connection = session.connection()
-    with connection.begin_nested():
-        connection.execute(sa.insert(WebhookEvent), [row])
+    try:
+        connection.exec_driver_sql(_INSERT, row)
+    except Exception:
+        connection.exec_driver_sql("ROLLBACK TO SAVEPOINT ckanext_webhooks_outbox")
+        raise
 
 
 def _transition(old: Optional[str], new: Optional[str], operation: str

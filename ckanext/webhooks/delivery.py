@@ -69,11 +69,16 @@ class Sender:
     """Sends deliveries; one per process, safe to call from any thread."""
 
     def __init__(self, connect_timeout: float = 5.0, total_timeout: float = 15.0,
-                 max_bytes: int = 20480, concurrency: int = 64, **_ignored) -> None:
+                 max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
+                 **_ignored) -> None:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self.max_bytes = max_bytes
         self.concurrency = concurrency
+        # At most this many connections to one receiver at a time: polite, and
+        # a receiver serving a thread per connection does better with fewer.
+        self.per_host = per_host
+        self._host_gates: dict[tuple, asyncio.Semaphore] = {}
         self._idle: "collections.OrderedDict[tuple, list[_Connection]]" = \
             collections.OrderedDict()
         self._ssl: Optional[ssl.SSLContext] = None
@@ -110,10 +115,20 @@ class Sender:
     async def _post_many(self, requests) -> list[Outcome]:
         gate = asyncio.Semaphore(self.concurrency)
 
-        async def one(request):
-            async with gate:
-                return await self._attempt(*request)
-        return await asyncio.gather(*(one(r) for r in requests))
+        async def one(target, body, headers):
+            host_gate = self._host_gate(target)
+            async with host_gate, gate:
+                return await self._attempt(target, body, headers)
+        return await asyncio.gather(*(one(*r) for r in requests))
+
+    def _host_gate(self, target: guard.Target) -> asyncio.Semaphore:
+        key = (str(target.addresses[0]), target.port)
+        gate = self._host_gates.get(key)
+        if gate is None:
+            if len(self._host_gates) > MAX_POOLS:
+                self._host_gates = {k: g for k, g in self._host_gates.items() if g.locked()}
+            gate = self._host_gates[key] = asyncio.Semaphore(self.per_host)
+        return gate
 
     async def _attempt(self, target: guard.Target, body: bytes, headers: dict[str, str]
                        ) -> Outcome:

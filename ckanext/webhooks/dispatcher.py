@@ -82,6 +82,7 @@ def _process_sender() -> Sender:
                 total_timeout=float(_cfg("timeout", 15)),
                 max_bytes=int(_cfg("max_response_bytes", 20480)),
                 concurrency=concurrency(),
+                per_host=int(_cfg("connections_per_host", 16)),
             )
     return _sender
 

@@ -118,3 +118,32 @@ def sysadmin_token():
 @pytest.fixture
 def organization(sysadmin_token):
     return factories.Organization(user=sysadmin_token["user"])
+
+
+@pytest.fixture
+def private_stack(webhooks_tables, only_my_workers):
+    """Start a CKAN server and workers with config overrides (while the suite's
+    shared worker is frozen); stop them after."""
+    started = []
+
+    def start(overrides: dict, worker: bool = True, web: bool = True):
+        web_port = processes.free_port()
+        ini = processes.write_ini({"ckan.site_url": f"http://127.0.0.1:{web_port}",
+                                   **overrides})
+        if web:
+            started.append(processes.start_ckan(ini, web_port))
+        proc = None
+        if worker:
+            proc = processes.start_worker(ini, concurrency=1, name="worker-private")
+            started.append(proc)
+        return f"http://127.0.0.1:{web_port}", ini, proc
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def rabbitmq():
+    if not processes.port_open(5672):
+        pytest.fail("RabbitMQ is not running on 127.0.0.1:5672: run scripts/stack services")
+    return "amqp://guest:guest@127.0.0.1:5672//"

@@ -6,6 +6,7 @@ script: a list of status codes used in turn (the last one repeats).
 from __future__ import annotations
 
 import json
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ class Received:
     headers: dict
     body: bytes
     at: float
+    status: int = 0
 
     @property
     def json(self) -> dict:
@@ -28,6 +30,11 @@ class Received:
 @dataclass
 class Receiver:
     host: str = "127.0.0.2"
+    bind_port: int = 0  # 0: any free port
+    # Share of deliveries answered 503 at random (a flaky receiver).
+    fail_ratio: float = 0.0
+    # Seconds to wait before answering, by path prefix.
+    delay_for: dict[str, float] = field(default_factory=dict)
     requests: list[Received] = field(default_factory=list)
     scripts: dict[str, list[int]] = field(default_factory=dict)
     headers_for: dict[str, dict] = field(default_factory=dict)
@@ -56,7 +63,13 @@ class Receiver:
                                  body, time.monotonic()))
                     script = receiver.scripts.get(path) or [200]
                     status = script.pop(0) if len(script) > 1 else script[0]
+                    if receiver.fail_ratio and random.random() < receiver.fail_ratio:
+                        status = 503
+                    receiver.requests[-1].status = status
                     receiver._cond.notify_all()
+                for prefix, seconds in receiver.delay_for.items():
+                    if path.startswith(prefix):
+                        time.sleep(seconds)
                 reply = b'{"ok": true}'
                 self.send_response(status)
                 for key, value in receiver.headers_for.get(path, {}).items():
@@ -87,7 +100,15 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self._server = ThreadingHTTPServer((self.host, 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 1024
+            allow_reuse_address = True
+
+            def handle_error(self, request, client_address):
+                pass  # clients hanging up are no test failure
+
+        self._server = Server((self.host, self.bind_port), Handler)
+        self.bind_port = self._server.server_address[1]
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self

@@ -15,34 +15,6 @@ def _name() -> str:
     return f"ds-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def private_stack(webhooks_tables, only_my_workers):
-    """Start a CKAN server and a worker with config overrides; stop them after."""
-    started = []
-
-    def start(overrides: dict, worker: bool = True):
-        web_port = processes.free_port()
-        ini = processes.write_ini({"ckan.site_url": f"http://127.0.0.1:{web_port}",
-                                   **overrides})
-        web = processes.start_ckan(ini, web_port)
-        started.append(web)
-        proc = None
-        if worker:
-            proc = processes.start_worker(ini, concurrency=1, name="worker-private")
-            started.append(proc)
-        return f"http://127.0.0.1:{web_port}", ini, proc
-    yield start
-    for proc in reversed(started):
-        proc.stop()
-
-
-@pytest.fixture
-def rabbitmq():
-    if not processes.port_open(5672):
-        pytest.fail("RabbitMQ is not running on 127.0.0.1:5672: run scripts/stack services")
-    return "amqp://guest:guest@127.0.0.1:5672//"
-
-
 def test_rabbitmq_as_the_broker(private_stack, rabbitmq, receiver, sysadmin_token,
                                 organization):
     # A long sweep interval: only the direct publish through RabbitMQ can

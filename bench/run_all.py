@@ -1,0 +1,72 @@
+"""Run every benchmark, then print the figures beside their targets.
+
+    python bench/run_all.py [--quick]
+
+Each benchmark writes bench/results/<name>.json (fanout also a .png); this
+writes bench/results/summary.json. Every figure is a ratio or a rate measured
+side by side in the same run: these machines are noisy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def run(script: str, *args: str) -> dict:
+    print(f"\n=== {script} {' '.join(args)}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *args], cwd=HERE, check=True)
+    return json.loads((RESULTS / script.replace(".py", ".json")).read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller runs (100 calls, 10,000 hooks at most)")
+    args = parser.parse_args()
+    quick = args.quick
+    write = run("write_overhead.py", "--calls", "100" if quick else "300",
+                "--sizes", "10000" if quick else "10000,100000")
+    fanout = run("fanout.py", "--curve", "100,1000,10000" if quick else "100,1000,10000,100000")
+    latency = run("latency.py", "--events", "200")
+    poll = run("push_vs_poll.py", "--updates", "6" if quick else "12")
+
+    stdlib = fanout["receivers"]["stdlib"]
+    rows = []
+    for r in write["runs"]:
+        rows.append((f"write overhead, {r['hooks']} hooks (median ratio)", r["median_ratio"],
+                     "<= 1.05", r["median_ratio"] <= 1.05))
+    rows += [
+        ("fan-out to 10,000 hooks (deliveries/s)", stdlib["main"]["deliveries_per_s"],
+         ">= 2000", stdlib["main"]["deliveries_per_s"] >= 2000),
+        ("fan-out / raw wrk rate, stdlib receiver", stdlib["ratio_to_raw"], ">= 0.50",
+         stdlib["ratio_to_raw"] >= 0.5),
+        ("fan-out / raw wrk rate, asyncio receiver", fanout["receivers"]["asyncio"]["ratio_to_raw"],
+         "(best case, no target)", None),
+        ("latency p50 (ms)", round(latency["latency_ms"]["median"], 1), "<= 20",
+         latency["latency_ms"]["median"] <= 20),
+        ("latency p99 (ms)", round(latency["latency_ms"]["p99"], 1), "<= 100",
+         latency["latency_ms"]["p99"] <= 100),
+        ("worker RSS peak across the curve (MB)",
+         max(r["worker_rss_mb_peak"] for r in stdlib["runs"]), "bounded", None),
+        ("poll / push bytes", round(poll["poll"]["bytes"] / poll["push"]["bytes"], 1), "", None),
+        ("poll / push mean delay", round(poll["poll"]["mean_delay_s"] /
+                                         poll["push"]["mean_delay_s"], 1), "", None),
+    ]
+    print("\n=== summary")
+    width = max(len(r[0]) for r in rows)
+    for name, value, target, met in rows:
+        mark = "" if met is None else ("met" if met else "NOT MET")
+        print(f"{name.ljust(width)}  {str(value).rjust(10)}  {target.ljust(22)} {mark}")
+    (RESULTS / "summary.json").write_text(json.dumps(
+        [{"figure": n, "value": v, "target": t, "met": m} for n, v, t, m in rows], indent=2))
+    print(f"\nresults in {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
