@@ -1,5 +1,5 @@
 # ckanext-webhooks: the two commands of the README, and a few more.
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench chaos soak clean
 
 setup:            ## services, virtualenv and databases (idempotent)
 	scripts/stack all
@@ -12,6 +12,13 @@ test: setup       ## the whole test suite
 
 bench: setup      ## the benchmarks in bench/ (JSON results in bench/results/)
 	.venv/bin/python bench/run_all.py
+
+chaos: setup      ## the fault tests alone (killed workers, restarts, hostile receivers)
+	scripts/test -s ckanext/webhooks/tests/test_chaos.py
+
+soak: setup       ## the soak test at full length: 30 min, 20 changes/s, 1,000 hooks
+	WEBHOOKS_SOAK_SECONDS=1800 WEBHOOKS_SOAK_RATE=20 WEBHOOKS_SOAK_HOOKS=1000 \
+	    scripts/test -s --timeout=0 ckanext/webhooks/tests/test_chaos.py -k soak
 
 clean:
 	rm -rf .run test-artifacts bench/results

@@ -37,7 +37,9 @@ def fanout() -> int:
             log.warning("could not queue a fan-out task: %s", error)
     if queued:
         _ask(_helpers_for(queued))
-        _, more = dispatcher.drain()
+        done, more = dispatcher.drain()
+        log.info("fanned out %d event(s): %d deliveries queued, %d attempted here",
+                 events, queued, done)
         if more:
             _ask(1)
     return queued
@@ -46,6 +48,8 @@ def fanout() -> int:
 @celery.task(name=DRAIN)
 def drain(event_id: Optional[str] = None) -> int:
     done, more = dispatcher.drain(event_id)
+    if done:
+        log.info("delivery attempts made: %d", done)
     if more:
         _ask(1, event_id)
     return done

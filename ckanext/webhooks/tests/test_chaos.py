@@ -120,7 +120,8 @@ def test_two_workers_share_the_work_without_loss(private_stack, receiver, datase
         print(f"\ntwo workers: expected 3000, received {len(pairs)}, "
               f"duplicates {len(pairs) - len(set(pairs))}")
         assert len(set(pairs)) == 3000
-        assert "fanned out" in first.output() + second.output() or True
+        for proc in (first, second):  # both took part
+            assert "attempted here" in proc.output() or "attempts made" in proc.output()
     finally:
         second.stop()
 
@@ -341,12 +342,14 @@ def test_soak(private_stack, dataset, organization):
             assert time.time() < deadline, "the queue did not return to zero"
             time.sleep(0.5)
         rss.append(processes_rss(worker))
-        acknowledged = {(r.path, r.json["event_id"]) for r in receiver.requests if r.status == 200}
+        answered_ok = [(r.path, r.json["event_id"]) for r in receiver.requests
+                       if r.status == 200]
+        acknowledged = set(answered_ok)
         received = len(receiver.requests)
         print(f"\nsoak: {seconds:.0f}s at {rate}/s to {hook_count} hooks: events sent {sent}, "
-              f"deliveries expected {expected}, received {received}, "
-              f"acknowledged {len(acknowledged)}, duplicates "
-              f"{received - len({(r.path, r.json['event_id']) for r in receiver.requests})}, "
+              f"deliveries expected {expected}, received {received} "
+              f"({received - len(answered_ok)} answered 503 and retried), "
+              f"acknowledged {len(acknowledged)}, duplicates {len(answered_ok) - len(acknowledged)}, "
               f"lost {expected - len(acknowledged)}; worker RSS MB "
               f"{rss[0] / 2**20:.0f} -> {max(rss) / 2**20:.0f} -> {rss[-1] / 2**20:.0f}")
         assert len(acknowledged) == expected
