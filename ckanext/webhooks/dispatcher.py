@@ -16,6 +16,7 @@ database is the source of truth:
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import datetime as dt
 import json
 import logging
@@ -184,27 +185,36 @@ def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
     return [_Job(r.event_id, r.hook_id, r.attempts) for r in rows]
 
 
+MAX_BATCHES_IN_FLIGHT = 4
+
+
 def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bool]:
     """Deliver due work until none is left or ``budget`` seconds have passed.
 
-    Pipelined: while one batch is on the wire, the next one is claimed and
-    prepared, and the one before is recorded.
+    Several batches are on the wire at once and each is recorded as soon as
+    it completes, so a receiver that keeps one batch waiting for its timeout
+    does not hold up the batches after it.
     Returns (attempts made, whether due work may remain).
     """
     started = time.monotonic()
-    total, in_flight, more = 0, None, True
+    total, in_flight, exhausted = 0, [], False
     while True:
-        jobs = []
-        if time.monotonic() - started < budget:
+        while (not exhausted and len(in_flight) < MAX_BATCHES_IN_FLIGHT
+               and time.monotonic() - started < budget):
             jobs = claim(batch_size(), event_id)
-            more = bool(jobs)
-        sending = _send(jobs, _prepare(jobs)) if jobs else None
-        if in_flight is not None:
-            _finish(*in_flight)
-        if sending is None:
-            return total, more and time.monotonic() - started >= budget
-        in_flight = sending
-        total += len(jobs)
+            if not jobs:
+                exhausted = True
+                break
+            in_flight.append(_send(jobs, _prepare(jobs)))
+            total += len(jobs)
+        if not in_flight:
+            return total, not exhausted
+        futures = [f for _, _, f in in_flight if f is not None]
+        if futures:
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
+            in_flight.remove(batch)
+            _finish(*batch)
 
 
 def deliver(jobs: list[_Job]) -> None:
