@@ -2,6 +2,7 @@
 and queue; see bench.ini), processes, hooks inserted in bulk, results files."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -9,9 +10,11 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Optional
 
 import sqlalchemy as sa
 
@@ -88,6 +91,30 @@ def start_receiver(port: int, impl: str = "asyncio") -> processes.Process:
                                                 "--impl", impl])
     processes.wait_port(port, 15, host=RECEIVER_HOST, proc=proc.proc)
     return proc
+
+
+@contextlib.contextmanager
+def bench_stack(web_port: int, receiver_port: Optional[int] = None, overrides: Optional[dict] = None,
+                worker_name: str = "bench-worker"):
+    """A bench CKAN on ``web_port``, a worker in its default setup and, if
+    asked, a receiver; all stopped afterwards, whatever happens."""
+    url = f"http://127.0.0.1:{web_port}"
+    ini = ini_with({"ckan.site_url": url, **(overrides or {})})
+    started: list = []
+    try:
+        receiver = start_receiver(receiver_port) if receiver_port else None
+        started.append(receiver)
+        started.append(processes.start_solr_standin())
+        web = processes.start_ckan(ini, web_port)
+        started.append(web)
+        worker = processes.start_worker(ini, concurrency=None, name=worker_name)
+        started.append(worker)
+        yield types.SimpleNamespace(url=url, ini=ini, web=web, worker=worker, receiver=receiver)
+    finally:
+        for proc in reversed(started):
+            if proc is not None:
+                proc.stop()
+        ini.unlink()
 
 
 def wait_count(port: int, count: int, timeout: float) -> dict:

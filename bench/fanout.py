@@ -18,7 +18,7 @@ import uuid
 
 import ckanapi
 
-from benchlib import (RECEIVER_HOST, engine, ini_with, insert_hooks, processes, receiver_call,
+from benchlib import (RECEIVER_HOST, ini_with, insert_hooks, processes, receiver_call,
                     reset_webhooks, rss_of_tree, start_receiver, sql, sysadmin_token, table,
                     wait_count, write_result)
 

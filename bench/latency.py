@@ -12,9 +12,8 @@ import uuid
 
 import ckanapi
 
-from benchlib import (RECEIVER_HOST, ini_with, insert_hooks, processes, receiver_call,
-                      reset_webhooks, sql, start_receiver, summary, sysadmin_token, table,
-                      wait_count, write_result)
+from benchlib import (RECEIVER_HOST, bench_stack, insert_hooks, receiver_call, reset_webhooks,
+                      sql, summary, sysadmin_token, table, wait_count, write_result)
 
 WEB_PORT, RECEIVER_PORT = 15104, 18104
 
@@ -26,13 +25,8 @@ def main() -> None:
     args = parser.parse_args()
 
     reset_webhooks()
-    ini = ini_with({"ckan.site_url": f"http://127.0.0.1:{WEB_PORT}"})
-    receiver = start_receiver(RECEIVER_PORT)
-    solr = processes.start_solr_standin()
-    web = processes.start_ckan(ini, WEB_PORT)
-    worker = processes.start_worker(ini, concurrency=None, name="bench-worker-latency")
-    try:
-        admin = ckanapi.RemoteCKAN(f"http://127.0.0.1:{WEB_PORT}", apikey=sysadmin_token())
+    with bench_stack(WEB_PORT, RECEIVER_PORT, worker_name="bench-worker-latency") as stack:
+        admin = ckanapi.RemoteCKAN(stack.url, apikey=sysadmin_token())
         org = admin.action.organization_create(name=f"bench-{uuid.uuid4().hex[:8]}")
         dataset = admin.action.package_create(name=f"bench-{uuid.uuid4().hex[:8]}",
                                               owner_org=org["id"])
@@ -51,13 +45,6 @@ def main() -> None:
         created = dict(sql("SELECT id, extract(epoch from created)::float8 FROM webhooks_event "
                            "WHERE topic = 'dataset/update' AND created >= to_timestamp(:t)",
                            t=started))
-    finally:
-        worker.stop()
-        web.stop()
-        receiver.stop()
-        if solr:
-            solr.stop()
-        ini.unlink()
     latencies = [(receipts[0] - created[event_id]) * 1000
                  for event_id, receipts in times.items() if event_id in created]
     stats = summary(latencies)

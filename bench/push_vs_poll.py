@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import subprocess
 import threading
 import time
 import uuid
@@ -26,8 +27,8 @@ import uuid
 import ckanapi
 import requests
 
-from benchlib import (RECEIVER_HOST, ini_with, insert_hooks, processes, receiver_call,
-                      reset_webhooks, sql, start_receiver, sysadmin_token, table, wait_count,
+from benchlib import (RECEIVER_HOST, bench_stack, ini_with, insert_hooks, processes,
+                      receiver_call, reset_webhooks, sql, sysadmin_token, table, wait_count,
                       write_result)
 
 WEB_PORT, RECEIVER_PORT = 15105, 18105
@@ -72,17 +73,13 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     reset_webhooks()
-    url = f"http://127.0.0.1:{WEB_PORT}"
-    ini = ini_with({"ckan.site_url": url, "ckan.plugins": "activity webhooks"})
-    import subprocess
-    subprocess.run([str(processes.BIN / "ckan"), "-c", str(ini), "db", "upgrade", "-p",
+    overrides = {"ckan.plugins": "activity webhooks"}
+    activity_ini = ini_with(overrides)
+    subprocess.run([str(processes.BIN / "ckan"), "-c", str(activity_ini), "db", "upgrade", "-p",
                     "activity"], check=True, capture_output=True)
-    receiver = start_receiver(RECEIVER_PORT)
-    solr = processes.start_solr_standin()
-    web = processes.start_ckan(ini, WEB_PORT)
-    worker = processes.start_worker(ini, concurrency=None, name="bench-worker-poll")
-    try:
-        admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token())
+    activity_ini.unlink()
+    with bench_stack(WEB_PORT, RECEIVER_PORT, overrides, "bench-worker-poll") as stack:
+        admin = ckanapi.RemoteCKAN(stack.url, apikey=sysadmin_token())
         org = admin.action.organization_create(name=f"bench-{uuid.uuid4().hex[:8]}")
         datasets = [admin.action.package_create(
             name=f"bench-{uuid.uuid4().hex[:8]}", owner_org=org["id"], notes="x" * 300,
@@ -90,7 +87,7 @@ def main() -> None:
             for n in range(args.datasets)]
         insert_hooks(1, "dataset/update", f"http://{RECEIVER_HOST}:{RECEIVER_PORT}/push/")
         receiver_call(RECEIVER_PORT, "/_reset", "POST")
-        poller = Poller(url, args.interval, limit=31)
+        poller = Poller(stack.url, args.interval, limit=31)
         poller.poll()  # the consumer's starting point
         poller.requests = poller.bytes = 0
         poller.start()
@@ -106,13 +103,6 @@ def main() -> None:
         times = receiver_call(RECEIVER_PORT, "/_times")
         created = dict(sql("SELECT id, extract(epoch from created)::float8 FROM webhooks_event "
                            "WHERE topic = 'dataset/update'"))
-    finally:
-        worker.stop()
-        web.stop()
-        receiver.stop()
-        if solr:
-            solr.stop()
-        ini.unlink()
 
     push_delays = [receipts[0] - created[event_id] for event_id, receipts in times.items()
                    if event_id in created]

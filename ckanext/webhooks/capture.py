@@ -30,7 +30,7 @@ from sqlalchemy import orm
 
 from ckan import model
 
-from . import ids, topics
+from . import ids
 from .model import utcnow
 
 log = logging.getLogger(__name__)

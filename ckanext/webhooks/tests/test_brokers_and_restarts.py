@@ -6,7 +6,6 @@ import time
 import uuid
 
 import ckanapi
-import pytest
 
 from . import processes
 

@@ -179,7 +179,7 @@ def test_receiver_down_for_a_long_outage(private_stack, dataset):
     comes_back = Receiver().start()
     stays_down = Receiver().start()
     healthy = Receiver(host="127.0.0.3").start()
-    port, dead_port = comes_back.bind_port, stays_down.bind_port
+    port = comes_back.bind_port
     _, ini, worker = private_stack({
         **FAST, **_queue(), "ckanext.webhooks.retry_schedule": "0 1 1 2 2 2 2 2 2 2",
         "ckanext.webhooks.stale_after_days": str(10 / 86400),  # ten seconds
