@@ -126,17 +126,33 @@ def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
         event.data = _entity_view(event)
         event.fanned_out = _now()
         session.flush()
+        known = (event.snapshot or {}).get("_package") or {}
         result = session.execute(sa.text("""
             INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-            SELECT :event_id, id, 0, now() FROM webhooks WHERE topic = :topic
+            SELECT :event_id, id, 0, now() FROM webhooks
+             WHERE topic = :topic
+               AND (dataset_id IS NULL OR dataset_id = :package_id)
+               AND (organization_id IS NULL OR organization_id = :owner_org)
+               AND (group_id IS NULL OR group_id = ANY(:groups))
             ON CONFLICT DO NOTHING
-        """), {"event_id": event_id, "topic": event.topic})
+        """), {"event_id": event_id, "topic": event.topic, "package_id": event.package_id,
+               "owner_org": known.get("owner_org"), "groups": _groups_of(event.package_id)})
         queued += result.rowcount
         _remember_envelope(event)
         log.debug("event %s (%s) fanned out to %d hook(s)", event_id, event.topic,
                   result.rowcount)
     session.commit()
     return len(event_ids), queued
+
+
+def _groups_of(package_id: Optional[str]) -> list[str]:
+    """The groups a dataset is in now (for hooks filtered by group)."""
+    if not package_id:
+        return []
+    return list(model.Session.execute(sa.text("""
+        SELECT group_id FROM member
+         WHERE table_name = 'package' AND table_id = :id AND state = 'active'
+    """), {"id": package_id}).scalars())
 
 
 def pending_events(min_age: float) -> bool:

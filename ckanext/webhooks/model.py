@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
-    Column, DateTime, ForeignKey, Index, Integer, Text, UniqueConstraint,
+    Column, DateTime, ForeignKey, Index, Integer, Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -36,6 +36,10 @@ class Webhook(toolkit.BaseModel):
     secret = Column(Text, nullable=True)
     # Whose read permissions apply to deliveries; NULL for anonymous hooks.
     user_id = Column(Text, nullable=True)
+    # Optional filters: only events of this dataset / organization / group.
+    dataset_id = Column(Text, nullable=True)
+    organization_id = Column(Text, nullable=True)
+    group_id = Column(Text, nullable=True)
     created = Column(DateTime(timezone=True), nullable=False, default=utcnow)
 
     delivery_count = Column(Integer, nullable=False, default=0)
@@ -48,8 +52,9 @@ class Webhook(toolkit.BaseModel):
     # Start of the current unbroken run of failures (stale pruning).
     failing_since = Column(DateTime(timezone=True), nullable=True)
 
+    # One subscription per (topic, address, filters): a unique index on
+    # expressions, created by the migration.
     __table_args__ = (
-        UniqueConstraint("topic", "address", name="webhooks_topic_address_key"),
         Index("webhooks_host_idx", "host"),
     )
 

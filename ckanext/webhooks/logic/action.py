@@ -44,6 +44,8 @@ def _dictize(hook: Webhook) -> dict[str, Any]:
         "address": hook.address,
         "created": iso(hook.created),
         "signed": bool(hook.secret),
+        "filters": {"dataset": hook.dataset_id, "organization": hook.organization_id,
+                    "group": hook.group_id},
         "statistics": {
             "deliveries": hook.delivery_count,
             "successes": hook.success_count,
@@ -73,6 +75,15 @@ def webhook_create(context, data_dict):
         the POSTs (at most 2,000 characters; private and local network
         addresses are refused)
     :type address: string
+    :param dataset: optional: only events of this dataset (id or name), its
+        resources' events included for ``resource/*`` topics. It must exist
+        and be visible to the caller.
+    :type dataset: string
+    :param organization: optional: only events of datasets of this
+        organization (id or name), visible to the caller
+    :type organization: string
+    :param group: optional: only events of datasets in this group (id or name)
+    :type group: string
     :param secret: optional Standard Webhooks signing secret, ``whsec_``
         followed by the base64 of 24 to 64 random bytes; when given, every
         delivery carries a ``webhook-signature`` header. Never shown again.
@@ -89,8 +100,10 @@ def webhook_create(context, data_dict):
     toolkit.check_access("webhook_create", context, data_dict)
     data = _validate(data_dict, schema.webhook_create_schema(), context)
     session = model.Session
+    filters = {"dataset_id": data.get("dataset"), "organization_id": data.get("organization"),
+               "group_id": data.get("group")}
     exists = session.query(Webhook.id).filter_by(
-        topic=data["topic"], address=data["address"]).first()
+        topic=data["topic"], address=data["address"], **filters).first()
     if exists:
         raise toolkit.ValidationError({"address": [DUPLICATE]})
     host = guard.parse(data["address"])[1]
@@ -109,6 +122,7 @@ def webhook_create(context, data_dict):
         topic=data["topic"],
         address=data["address"],
         host=host,
+        **filters,
         secret=data.get("secret"),
         user_id=user.id if user is not None and getattr(user, "id", None) else None,
         created=utcnow(),
@@ -130,7 +144,8 @@ def webhook_show(context, data_dict):
     :type id: string
 
     :returns: the webhook: ``id``, ``topic``, ``address``, ``created``,
-        ``signed`` (whether deliveries are signed; the secret is never shown)
+        ``signed`` (whether deliveries are signed; the secret is never shown),
+        ``filters`` (``dataset``, ``organization``, ``group`` ids or null)
         and ``statistics`` (``deliveries``, ``successes``, ``last_delivery``,
         ``last_status``, ``last_error``, ``consecutive_failures``,
         ``consecutive_4xx``, ``failing_since``, ``pending_deliveries``)

@@ -6,11 +6,16 @@ from ckan.plugins.toolkit import validator_args
 
 @validator_args
 def webhook_create_schema(not_missing, not_empty, ignore_missing, webhooks_string,
-                          webhooks_topic, webhooks_address, webhooks_secret):
+                          webhooks_topic, webhooks_address, webhooks_secret,
+                          webhooks_dataset_filter, webhooks_organization_filter,
+                          webhooks_group_filter):
     return {
         "topic": [not_missing, webhooks_string, not_empty, webhooks_topic],
         "address": [not_missing, webhooks_string, not_empty, webhooks_address],
         "secret": [ignore_missing, webhooks_string, webhooks_secret],
+        "dataset": [ignore_missing, webhooks_string, webhooks_dataset_filter],
+        "organization": [ignore_missing, webhooks_string, webhooks_organization_filter],
+        "group": [ignore_missing, webhooks_string, webhooks_group_filter],
     }
 
 

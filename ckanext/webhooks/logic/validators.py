@@ -60,3 +60,51 @@ def webhooks_id(value: Any) -> Any:
     if not isinstance(value, str) or not value or len(value) > 200:
         raise Invalid("Must be a webhook id")
     return value
+
+
+_HIDDEN = "Not found, or not visible to you"
+
+
+def _visible(action: str, context, value) -> bool:
+    """May the caller ``action`` this object? (auth only: nothing is returned)"""
+    try:
+        toolkit.check_access(action, {"user": context.get("user"),
+                                      "auth_user_obj": context.get("auth_user_obj")},
+                             {"id": value})
+        return True
+    except (toolkit.NotAuthorized, toolkit.ObjectNotFound):
+        return False
+
+
+def webhooks_dataset_filter(value: Any, context) -> Any:
+    """A dataset id or name the caller can read; stored as its id."""
+    from ckan import model
+    if value in (None, "", toolkit.missing):
+        return None
+    package = model.Package.get(value) if len(value) <= 200 else None
+    if package is None or package.state == "deleted" \
+            or not _visible("package_show", context, package.id):
+        raise Invalid(_HIDDEN)  # the same answer whether it exists or is private
+    return package.id
+
+
+def _group_filter(value: Any, context, is_organization: bool) -> Any:
+    from ckan import model
+    if value in (None, "", toolkit.missing):
+        return None
+    group = model.Group.get(value) if len(value) <= 200 else None
+    action = "organization_show" if is_organization else "group_show"
+    if group is None or group.state != "active" or group.is_organization != is_organization \
+            or not _visible(action, context, group.id):
+        raise Invalid(_HIDDEN)
+    return group.id
+
+
+def webhooks_organization_filter(value: Any, context) -> Any:
+    """An organization id or name the caller can see; stored as its id."""
+    return _group_filter(value, context, True)
+
+
+def webhooks_group_filter(value: Any, context) -> Any:
+    """A group id or name the caller can see; stored as its id."""
+    return _group_filter(value, context, False)
