@@ -278,3 +278,22 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+_web_sender: Optional[Sender] = None
+_web_sender_lock = threading.Lock()
+
+
+def web_sender() -> Sender:
+    """The sender of the web process (verification handshakes and pings)."""
+    global _web_sender
+    from ckan.plugins import toolkit
+    with _web_sender_lock:
+        if _web_sender is None:
+            cfg = toolkit.config
+            _web_sender = Sender(
+                connect_timeout=float(cfg.get("ckanext.webhooks.connect_timeout") or 5),
+                total_timeout=float(cfg.get("ckanext.webhooks.timeout") or 15),
+                max_bytes=int(cfg.get("ckanext.webhooks.max_response_bytes") or 20480),
+                concurrency=8)
+    return _web_sender

@@ -184,6 +184,7 @@ class _Job:
     headers: Optional[dict] = None
     outcome: Optional[Outcome] = None
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
+    topic: str = ""
 
 
 def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
@@ -255,6 +256,7 @@ def _prepare(jobs: list[_Job]) -> list[_Job]:
         if hook is None or event is None:
             job.drop = "gone"
             continue
+        job.topic = event.topic
         reader = payload.reader_name(hook.user_id, readers)
         if reader is None:
             job.drop = "reader_gone"
@@ -377,6 +379,12 @@ def _record(jobs: list[_Job]) -> None:
                             job.event_id, fingerprint(job.hook_id), job.attempts)
             finished.append({"e": job.event_id, "h": job.hook_id})
 
+    attempts = [{"h": job.hook_id, "e": job.event_id, "t": job.topic,
+                 "n": job.attempts, "s": job.outcome.status, "x": job.outcome.error,
+                 "d": int(job.outcome.duration * 1000), "r": _text(job.outcome.body)}
+                for job in jobs if job.outcome is not None]
+    if attempts:
+        log_attempts(attempts)
     if finished:
         session.execute(sa.text("""
             DELETE FROM webhooks_delivery d USING jsonb_to_recordset(CAST(:rows AS jsonb))
@@ -423,6 +431,27 @@ def _record(jobs: list[_Job]) -> None:
     session.commit()
 
 
+def log_attempts(rows: list[dict]) -> None:
+    """Append attempts to the delivery log (in the caller's transaction).
+
+    Each row: h hook id, e event id, t topic, n attempt, s status, x error,
+    d duration (ms), r the start of the answer.
+    """
+    model.Session.execute(sa.text("""
+        INSERT INTO webhooks_attempt (hook_id, event_id, topic, at, attempt, status, error,
+                                      duration_ms, response)
+        SELECT v.h, v.e, v.t, now(), v.n, v.s, v.x, v.d, v.r
+          FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+            AS v(h text, e text, t text, n int, s int, x text, d int, r text)
+         WHERE EXISTS (SELECT 1 FROM webhooks w WHERE w.id = v.h)
+    """), {"rows": json.dumps(rows)})
+
+
+def _text(body: bytes) -> Optional[str]:
+    """An answer's start as text PostgreSQL can store (no NUL characters)."""
+    return body.decode("utf-8", "replace").replace("\x00", "\ufffd") if body else None
+
+
 def _delete_hook(hook_id: str, reason: str) -> None:
     row = model.Session.execute(sa.text(
         "DELETE FROM webhooks WHERE id = :id RETURNING topic, address"), {"id": hook_id}
@@ -460,13 +489,16 @@ def prune() -> dict[str, int]:
         log.info("pruned webhook %s (%s, %s): only failures for %g days",
                  fingerprint(row.id), row.topic, _host(row.address), stale_days)
     retention = float(_cfg("log_retention_days", 30))
+    attempts = session.execute(sa.text("""
+        DELETE FROM webhooks_attempt WHERE at < now() - make_interval(secs => :secs)
+    """), {"secs": retention * 86400}).rowcount
     events = session.execute(sa.text("""
         DELETE FROM webhooks_event e
          WHERE fanned_out < now() - make_interval(secs => :secs)
            AND NOT EXISTS (SELECT 1 FROM webhooks_delivery d WHERE d.event_id = e.id)
     """), {"secs": retention * 86400}).rowcount
     session.commit()
-    return {"stale_hooks": len(stale), "old_events": events}
+    return {"stale_hooks": len(stale), "old_events": events, "old_attempts": attempts}
 
 
 def _now() -> dt.datetime:

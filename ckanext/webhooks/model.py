@@ -3,6 +3,8 @@
 ``webhooks``           the subscriptions, with their delivery statistics;
 ``webhooks_event``     the transactional outbox: one row per captured event,
                        written in the same transaction as the change itself;
+``webhooks_attempt``   the delivery log: every attempt, kept for
+                       ``ckanext.webhooks.log_retention_days``;
 ``webhooks_delivery``  the durable delivery queue: one row per (event, hook)
                        still to be delivered, first attempts and retries alike.
                        Celery messages only tell workers to drain it, so a lost
@@ -13,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
-    Column, DateTime, ForeignKey, Index, Integer, Text,
+    BigInteger, Column, DateTime, ForeignKey, Index, Integer, Text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -98,4 +100,25 @@ class WebhookDelivery(toolkit.BaseModel):
     __table_args__ = (
         Index("webhooks_delivery_due_idx", "due"),
         Index("webhooks_delivery_hook_idx", "hook_id"),
+    )
+
+
+class WebhookAttempt(toolkit.BaseModel):
+    __tablename__ = "webhooks_attempt"
+
+    id = Column(BigInteger, primary_key=True, autoincrement=True)
+    hook_id = Column(Text, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False)
+    event_id = Column(Text, nullable=False)
+    topic = Column(Text, nullable=False)
+    at = Column(DateTime(timezone=True), nullable=False, default=utcnow)
+    attempt = Column(Integer, nullable=False)
+    status = Column(Integer, nullable=True)
+    error = Column(Text, nullable=True)
+    duration_ms = Column(Integer, nullable=False)
+    # The first max_response_bytes of the answer, as text.
+    response = Column(Text, nullable=True)
+
+    __table_args__ = (
+        Index("webhooks_attempt_hook_idx", "hook_id", "at"),
+        Index("webhooks_attempt_at_idx", "at"),
     )

@@ -37,11 +37,13 @@ def fanout() -> int:
             log.warning("could not queue a fan-out task: %s", error)
     if queued:
         _ask(_helpers_for(queued))
-        done, more = dispatcher.drain()
+    # Also what a redelivery (queued without a new event) is waiting for.
+    done, more = dispatcher.drain()
+    if events or done:
         log.info("fanned out %d event(s): %d deliveries queued, %d attempted here",
                  events, queued, done)
-        if more:
-            _ask(1)
+    if more:
+        _ask(1)
     return queued
 
 

@@ -13,32 +13,16 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 
 from ckan.plugins import toolkit
 
 from . import guard
-from .delivery import Sender
+from .delivery import web_sender
 from .signing import USER_AGENT
-
-_sender: Sender | None = None
-_lock = threading.Lock()
 
 
 class Failed(ValueError):
     """The address did not prove it wants the hook; the message says why."""
-
-
-def _get_sender() -> Sender:
-    global _sender
-    with _lock:
-        if _sender is None:
-            cfg = toolkit.config
-            _sender = Sender(
-                connect_timeout=float(cfg.get("ckanext.webhooks.connect_timeout") or 5),
-                total_timeout=float(cfg.get("ckanext.webhooks.timeout") or 15),
-                max_bytes=4096, concurrency=8)
-    return _sender
 
 
 def enabled() -> bool:
@@ -51,7 +35,7 @@ def verify(address: str, topic: str) -> None:
     challenge = secrets.token_urlsafe(32)
     body = json.dumps({"type": "webhook.verification", "challenge": challenge,
                        "topic": topic, "site_url": toolkit.config.get("ckan.site_url")})
-    outcome = _get_sender().post(target, body.encode(), {
+    outcome = web_sender().post(target, body.encode(), {
         "Content-Type": "application/json", "User-Agent": USER_AGENT,
         "webhook-challenge": challenge})
     if not outcome.ok:

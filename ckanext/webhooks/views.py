@@ -1,7 +1,8 @@
 """HTTP-level behaviour: the 429 answer of the anonymous creation limit.
 
 CKAN's action API has no status for "too many requests", so the limit is
-applied before the API view runs, for anonymous POSTs to ``webhook_create``.
+applied before the API view runs, for anonymous POSTs to ``webhook_create``
+and ``webhook_ping`` (both make the portal send a request).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from ckan.plugins import toolkit
 from . import ratelimit
 
 webhooks = Blueprint("webhooks", __name__)
-_CREATE = re.compile(r"^/api/(?:\d+/)?action/webhook_create/?$")
+# Creating a hook and pinging one make the portal send requests: both count.
+_CREATE = re.compile(r"^/api/(?:\d+/)?action/webhook_(?:create|ping)/?$")
 
 
 @webhooks.before_app_request

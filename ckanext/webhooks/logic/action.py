@@ -1,6 +1,7 @@
 """The webhook actions of the CKAN action API."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -9,8 +10,10 @@ from sqlalchemy.exc import IntegrityError
 from ckan import model
 from ckan.plugins import toolkit
 
-from .. import guard, ids, verification
-from ..model import Webhook, WebhookDelivery, utcnow
+from .. import guard, ids, payload, signing, verification
+from ..delivery import Outcome, web_sender
+from ..dispatcher import log_attempts
+from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
 
 DUPLICATE = "A webhook for this topic and address already exists"
@@ -190,3 +193,104 @@ def webhook_list(context, data_dict):
         query = query.filter(Webhook.topic == data["topic"])
     query = query.offset(data.get("offset", 0)).limit(min(data.get("limit", 100), 1000))
     return [_dictize(hook) for hook in query]
+
+
+@toolkit.side_effect_free
+def webhook_deliveries(context, data_dict):
+    """The recent delivery attempts of a webhook, newest first (the log is
+    kept for ``ckanext.webhooks.log_retention_days``).
+
+    :param id: the webhook's id
+    :type id: string
+    :param limit: at most this many (optional, default 20, at most 1000)
+    :type limit: int
+    :param offset: skip this many (optional)
+    :type offset: int
+
+    :returns: attempts: ``event_id``, ``topic``, ``at``, ``attempt`` (1 for a
+        first attempt), ``status`` (HTTP status or null), ``error`` (``timeout``,
+        ``connect_error``, ``connection_error``, ``tls_error``,
+        ``refused_address`` or null), ``duration_ms`` and ``response`` (the
+        first 20 KB of the answer)
+    :rtype: list of dictionaries
+    """
+    toolkit.check_access("webhook_deliveries", context, data_dict)
+    data = _validate(data_dict, schema.webhook_deliveries_schema(), context)
+    hook = _get(data["id"])
+    rows = model.Session.query(WebhookAttempt).filter(WebhookAttempt.hook_id == hook.id) \
+        .order_by(WebhookAttempt.at.desc(), WebhookAttempt.id.desc()) \
+        .offset(data.get("offset", 0)).limit(min(data.get("limit", 20), 1000))
+    return [{"event_id": r.event_id, "topic": r.topic, "at": r.at.isoformat(),
+             "attempt": r.attempt, "status": r.status, "error": r.error,
+             "duration_ms": r.duration_ms, "response": r.response} for r in rows]
+
+
+def webhook_ping(context, data_dict):
+    """Send a ``ping`` event to the webhook now and report how it went.
+
+    The ping is signed like any delivery and recorded in the delivery log; it
+    does not count towards pruning.
+
+    :param id: the webhook's id
+    :type id: string
+
+    :returns: ``event_id``, ``ok``, ``status`` (HTTP status or null),
+        ``error`` (error kind or null) and ``duration_ms``
+    :rtype: dictionary
+    """
+    toolkit.check_access("webhook_ping", context, data_dict)
+    data = _validate(data_dict, schema.webhook_id_schema(), context)
+    hook = _get(data["id"])
+    event_id = ids.new_event_id()
+    envelope = payload.event_envelope(
+        _Ping(event_id), json.dumps({"id": hook.id, "topic": hook.topic}))
+    body = payload.body_for(envelope, hook.id)
+    try:
+        target = guard.resolve(hook.address)
+    except guard.Refused:
+        outcome = Outcome(None, "refused_address", 0.0)
+    else:
+        outcome = web_sender().post(target, body.encode("utf-8"),
+                                    signing.headers(event_id, body, hook.secret))
+    log_attempts([{"h": hook.id, "e": event_id, "t": "ping", "n": 1, "s": outcome.status,
+                   "x": outcome.error, "d": int(outcome.duration * 1000),
+                   "r": outcome.body.decode("utf-8", "replace").replace("\x00", "") or None}])
+    model.Session.commit()
+    return {"event_id": event_id, "ok": outcome.ok, "status": outcome.status,
+            "error": outcome.error, "duration_ms": int(outcome.duration * 1000)}
+
+
+def webhook_redeliver(context, data_dict):
+    """Send one past event to the webhook again, with its original event id
+    (``webhook-id``) and payload. Queued now; the delivery log shows it.
+
+    :param id: the webhook's id
+    :type id: string
+    :param event_id: the ``event_id`` of a past delivery to this webhook
+    :type event_id: string
+    """
+    toolkit.check_access("webhook_redeliver", context, data_dict)
+    data = _validate(data_dict, schema.webhook_redeliver_schema(), context)
+    hook = _get(data["id"])
+    was_sent = model.Session.query(WebhookAttempt.id).filter_by(
+        hook_id=hook.id, event_id=data["event_id"]).first()
+    event = model.Session.get(WebhookEvent, data["event_id"])
+    if not was_sent or event is None or event.data is None:
+        raise toolkit.ObjectNotFound("No such past delivery for this webhook")
+    model.Session.execute(sa.text("""
+        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
+        VALUES (:event_id, :hook_id, 0, now())
+        ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
+    """), {"event_id": event.id, "hook_id": hook.id})
+    model.Session.execute(sa.text("SELECT pg_notify('ckanext_webhooks_events', '')"))
+    model.Session.commit()
+
+
+class _Ping:
+    """What the payload envelope needs to know of a ping."""
+
+    topic = "ping"
+
+    def __init__(self, event_id: str) -> None:
+        self.id = event_id
+        self.created = utcnow()

@@ -55,5 +55,20 @@ def webhook_delete(context, data_dict):
     return _meets_minimum(context)
 
 
+@toolkit.auth_allow_anonymous_access
+def webhook_deliveries(context, data_dict):
+    return _meets_minimum(context)
+
+
+@toolkit.auth_allow_anonymous_access
+def webhook_ping(context, data_dict):
+    return _meets_minimum(context)
+
+
+@toolkit.auth_allow_anonymous_access
+def webhook_redeliver(context, data_dict):
+    return _meets_minimum(context)
+
+
 def webhook_list(context, data_dict):
     return {"success": False, "msg": toolkit._("Only sysadmins may list webhooks")}

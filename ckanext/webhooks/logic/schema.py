@@ -32,3 +32,21 @@ def webhook_list_schema(ignore_missing, webhooks_string, webhooks_topic,
         "limit": [ignore_missing, natural_number_validator],
         "offset": [ignore_missing, natural_number_validator],
     }
+
+
+@validator_args
+def webhook_deliveries_schema(not_missing, not_empty, ignore_missing, webhooks_string,
+                              webhooks_id, natural_number_validator):
+    return {
+        "id": [not_missing, webhooks_string, not_empty, webhooks_id],
+        "limit": [ignore_missing, natural_number_validator],
+        "offset": [ignore_missing, natural_number_validator],
+    }
+
+
+@validator_args
+def webhook_redeliver_schema(not_missing, not_empty, webhooks_string, webhooks_id):
+    return {
+        "id": [not_missing, webhooks_string, not_empty, webhooks_id],
+        "event_id": [not_missing, webhooks_string, not_empty, webhooks_id],
+    }

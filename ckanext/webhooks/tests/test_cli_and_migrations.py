@@ -80,7 +80,7 @@ def test_ckanapi_command_line_against_a_live_ckan(live_ckan, receiver):
 def test_prune_command_reports_what_it_removed(webhooks_tables):
     result = _ckan(processes.TEST_INI, "webhooks", "prune")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report) == {"stale_hooks", "old_events"}
+    assert set(report) == {"stale_hooks", "old_events", "old_attempts"}
 
 
 def test_stale_hooks_are_pruned_and_reported(webhooks_tables, live_ckan):
