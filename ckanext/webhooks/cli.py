@@ -37,20 +37,161 @@ def prune():
     click.echo(json.dumps(run_prune()))
 
 
+def _site() -> dict:
+    site_user = toolkit.get_action("get_site_user")({"ignore_auth": True}, {})
+    return {"user": site_user["name"], "ignore_auth": True}
+
+
+def _action(name: str, **data):
+    try:
+        return toolkit.get_action(name)(_site(), data)
+    except toolkit.ObjectNotFound:
+        raise click.ClickException("No webhook with that id")
+    except toolkit.ValidationError as error:
+        raise click.ClickException(json.dumps(error.error_dict))
+
+
 @webhooks.command(name="list")
 @click.option("--topic", default=None, help="Only hooks of this topic.")
-def list_hooks(topic):
-    """List hooks with their delivery statistics, as JSON lines."""
-    site_user = toolkit.get_action("get_site_user")({"ignore_auth": True}, {})
-    offset = 0
-    while True:
-        page = toolkit.get_action("webhook_list")(
-            {"user": site_user["name"]},
-            {"topic": topic, "limit": 500, "offset": offset} if topic
-            else {"limit": 500, "offset": offset})
-        for hook in page:
-            click.echo(json.dumps(hook))
-        if len(page) < 500:
-            break
-        offset += 500
+@click.option("--host", default=None, help="Only hooks whose address is on this host.")
+@click.option("--state", type=click.Choice(["healthy", "failing"]), default=None,
+              help="healthy: last attempt succeeded or none yet; failing: failing now.")
+def list_hooks(topic, host, state):
+    """List hooks with their statistics, one JSON object per line."""
+    from ckan import model
+    from .logic.action import _dictize
+    from .model import Webhook
+    query = model.Session.query(Webhook).order_by(Webhook.created, Webhook.id)
+    if topic:
+        query = query.filter(Webhook.topic == topic)
+    if host:
+        query = query.filter(Webhook.host == host.lower())
+    if state == "healthy":
+        query = query.filter(Webhook.failing_since.is_(None))
+    elif state == "failing":
+        query = query.filter(Webhook.failing_since.isnot(None))
+    for hook in query.yield_per(500):
+        click.echo(json.dumps(_dictize(hook)))
 
+
+@webhooks.command()
+@click.argument("hook_id")
+def show(hook_id):
+    """Show one hook."""
+    click.echo(json.dumps(_action("webhook_show", id=hook_id), indent=2))
+
+
+@webhooks.command()
+@click.argument("hook_id")
+def delete(hook_id):
+    """Delete one hook."""
+    _action("webhook_delete", id=hook_id)
+    click.echo("deleted")
+
+
+@webhooks.command()
+@click.argument("hook_id")
+def ping(hook_id):
+    """Send a ping event to one hook now and show the outcome."""
+    click.echo(json.dumps(_action("webhook_ping", id=hook_id)))
+
+
+@webhooks.command()
+def stats():
+    """Hooks, their health and the delivery queue, in numbers."""
+    import sqlalchemy as sa
+    from ckan import model
+    row = model.Session.execute(sa.text("""
+        SELECT (SELECT count(*) FROM webhooks) AS hooks,
+               (SELECT count(*) FROM webhooks WHERE failing_since IS NOT NULL) AS failing,
+               (SELECT count(*) FROM webhooks_delivery) AS pending,
+               (SELECT count(*) FROM webhooks_event WHERE fanned_out IS NULL) AS events_waiting,
+               (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day')
+                   AS attempts_24h,
+               (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day'
+                   AND status BETWEEN 200 AND 299) AS successes_24h
+    """)).mappings().one()
+    by_topic = dict(model.Session.execute(sa.text(
+        "SELECT topic, count(*) FROM webhooks GROUP BY topic ORDER BY topic")).all())
+    out = dict(row, by_topic=by_topic)
+    out["success_rate_24h"] = round(row["successes_24h"] / row["attempts_24h"], 4) \
+        if row["attempts_24h"] else None
+    click.echo(json.dumps(out, indent=2))
+
+
+@webhooks.command()
+@click.option("--since", required=True, type=click.DateTime(),
+              help="Failed attempts since this time (UTC), e.g. 2026-11-23T10:00:00.")
+def redeliver(since):
+    """Queue again every event whose delivery failed since a time."""
+    import sqlalchemy as sa
+    from ckan import model
+    failed = model.Session.execute(sa.text("""
+        SELECT DISTINCT a.hook_id, a.event_id FROM webhooks_attempt a
+          JOIN webhooks_event e ON e.id = a.event_id
+         WHERE a.at >= :since AND a.topic <> 'ping'
+           AND (a.status IS NULL OR a.status NOT BETWEEN 200 AND 299)
+           AND NOT EXISTS (SELECT 1 FROM webhooks_attempt ok
+                            WHERE ok.hook_id = a.hook_id AND ok.event_id = a.event_id
+                              AND ok.status BETWEEN 200 AND 299)
+    """), {"since": since}).all()
+    with click.progressbar(failed, label=f"Queueing {len(failed)} failed deliveries") as bar:
+        for hook_id, event_id in bar:
+            model.Session.execute(sa.text("""
+                INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
+                VALUES (:e, :h, 0, now()) ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
+            """), {"e": event_id, "h": hook_id})
+    model.Session.execute(sa.text("SELECT pg_notify('ckanext_webhooks_events', '')"))
+    model.Session.commit()
+    click.echo(f"queued {len(failed)}")
+
+
+@webhooks.command(name="export")
+@click.option("--output", "-o", type=click.File("w"), default="-",
+              help="File to write (default: standard output). It holds signing secrets.")
+def export_hooks(output):
+    """Write every hook (with its id and secret) as JSON, to move it to another portal."""
+    from ckan import model
+    from .model import Webhook
+    hooks = [{"id": h.id, "topic": h.topic, "address": h.address, "secret": h.secret,
+              "dataset": h.dataset_id, "organization": h.organization_id, "group": h.group_id,
+              "user_id": h.user_id, "created": h.created.isoformat()}
+             for h in model.Session.query(Webhook).order_by(Webhook.created)]
+    json.dump(hooks, output, indent=2)
+    output.write("\n")
+    click.echo(f"exported {len(hooks)} hooks", err=True)
+
+
+@webhooks.command(name="import")
+@click.argument("source", type=click.File("r"))
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the verification handshake with each address first.")
+def import_hooks(source, verify):
+    """Create hooks from an export, keeping their ids; each address is checked
+    (and verified) as on creation, and refused ones are reported, not imported."""
+    from ckan import model
+    from . import guard, verification
+    from .logic.validators import webhooks_secret
+    from .model import Webhook, utcnow
+    from .topics import TOPICS
+    imported, refused = 0, []
+    for item in json.load(source):
+        try:
+            if item.get("topic") not in TOPICS:
+                raise ValueError("unknown topic")
+            target = guard.resolve(item["address"])
+            if verify:
+                verification.verify(item["address"], item["topic"])
+            if model.Session.get(Webhook, item["id"]) is not None:
+                raise ValueError("a hook with this id exists")
+            model.Session.add(Webhook(
+                id=item["id"], topic=item["topic"], address=item["address"],
+                host=target.host, secret=webhooks_secret(item.get("secret")),
+                dataset_id=item.get("dataset"), organization_id=item.get("organization"),
+                group_id=item.get("group"), user_id=item.get("user_id"), created=utcnow()))
+            model.Session.commit()
+            imported += 1
+        except Exception as error:  # noqa: BLE001 - report and go on with the others
+            model.Session.rollback()
+            refused.append({"address": item.get("address"), "error": str(error)})
+    click.echo(json.dumps({"imported": imported, "refused": refused}))
