@@ -21,6 +21,8 @@ setup(
     entry_points={
         "ckan.plugins": [
             "webhooks = ckanext.webhooks.plugin:WebhooksPlugin",
+            # Used by the test suite only: exercises the IWebhooks interface.
+            "webhooks_test_plugin = ckanext.webhooks.tests.plugin:WebhooksTestPlugin",
         ],
     },
     classifiers=[

@@ -92,16 +92,26 @@ def _record(entity: Any, operation: Any) -> None:
         "package_id": entity.id if kind == "dataset" else entity.package_id,
         "created": utcnow(),
         "snapshot": json.dumps(snapshot),
+        "data": None,
     }
     _insert_in_savepoint(session, row)
 
 
 _INSERT = (
     "SAVEPOINT ckanext_webhooks_outbox; "
-    "INSERT INTO webhooks_event (id, topic, object_id, package_id, created, snapshot) "
+    "INSERT INTO webhooks_event (id, topic, object_id, package_id, created, snapshot, data) "
     "VALUES (%(id)s, %(topic)s, %(object_id)s, %(package_id)s, %(created)s, "
-    "CAST(%(snapshot)s AS jsonb)); "
+    "CAST(%(snapshot)s AS jsonb), CAST(%(data)s AS jsonb)); "
     "RELEASE SAVEPOINT ckanext_webhooks_outbox")
+
+
+def emit_event(topic: str, object_id: str, data: dict, package_id: Optional[str]) -> str:
+    """An event of a plugin's own topic, in the current transaction."""
+    row = {"id": ids.new_event_id(), "topic": topic, "object_id": object_id,
+           "package_id": package_id, "created": utcnow(), "snapshot": None,
+           "data": json.dumps(data, default=str)}
+    _insert_in_savepoint(model.Session(), row)
+    return row["id"]
 
 
 def _insert_in_savepoint(session, row: dict) -> None:

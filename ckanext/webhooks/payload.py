@@ -52,6 +52,8 @@ def reader_name(user_id: Optional[str], cache: dict) -> Optional[str]:
 
 def can_read(event, reader: str) -> bool:
     """May ``reader`` ('' for anonymous) see this event now?"""
+    if event.topic not in topics.TOPICS and not event.package_id:
+        return True  # a plugin's own topic: the plugin vetoes what must not be heard
     known = (event.snapshot or {}).get("_package") or {}
     package = model.Package.get(event.package_id) if event.package_id else None
     if package is not None and package.state == "active" \

@@ -16,3 +16,12 @@ DELETE_TOPICS = frozenset({DATASET_DELETE, RESOURCE_DELETE})
 def object_type(topic: str) -> str:
     """``dataset`` or ``resource``: the part of the topic before the slash."""
     return topic.split("/", 1)[0]
+
+
+def all_topics() -> tuple[str, ...]:
+    """The core topics and those added by IWebhooks plugins."""
+    from ckan.plugins import PluginImplementations
+    from .interfaces import IWebhooks
+    extra = [topic for plugin in PluginImplementations(IWebhooks)
+             for topic in plugin.webhooks_topics() if topic not in TOPICS]
+    return TOPICS + tuple(extra)

@@ -8,7 +8,7 @@ from typing import Any
 from ckan.plugins import toolkit
 
 from .. import guard
-from ..topics import TOPICS
+from ..topics import all_topics
 
 Invalid = toolkit.Invalid
 MAX_TOPIC_LENGTH = 100
@@ -26,8 +26,9 @@ def webhooks_string(key, data, errors, context) -> None:
 
 
 def webhooks_topic(value: Any) -> Any:
-    if not isinstance(value, str) or len(value) > MAX_TOPIC_LENGTH or value not in TOPICS:
-        raise Invalid("Unknown topic. Choose one of: " + ", ".join(TOPICS))
+    topics = all_topics()
+    if not isinstance(value, str) or len(value) > MAX_TOPIC_LENGTH or value not in topics:
+        raise Invalid("Unknown topic. Choose one of: " + ", ".join(topics))
     return value
 
 

@@ -1,0 +1,38 @@
+"""IWebhooks, used by a plugin of the test suite's own (tests/plugin.py)."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+
+import ckanapi
+import jsonschema
+
+SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.json").read_text())
+
+
+def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiver,
+                                                           sysadmin_token, organization):
+    url, _, _ = private_stack({"ckan.plugins": "webhooks webhooks_test_plugin",
+                               "ckanext.webhooks.celery.queue": f"iface-{uuid.uuid4().hex[:6]}"})
+    anon = ckanapi.RemoteCKAN(url)
+    admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"])
+    anon.action.webhook_create(topic="organization/update", address=receiver.url("/org"))
+    anon.action.webhook_create(topic="organization/update", address=receiver.url("/vetoed"))
+    anon.action.webhook_create(topic="dataset/create", address=receiver.url("/ds"))
+    admin.action.organization_patch(id=organization["id"], title="Renamed organization")
+    dataset = admin.action.package_create(name=f"ds-{uuid.uuid4().hex[:8]}",
+                                          owner_org=organization["id"])
+    [org_event] = receiver.wait_count("/org", 1)
+    [ds_event] = receiver.wait_count("/ds", 1)
+    time.sleep(1)
+    body = org_event.json
+    jsonschema.validate(body, SCHEMA)
+    assert body["topic"] == "organization/update"
+    assert body["data"] == {"id": organization["id"], "name": organization["name"],
+                            "title": "Renamed organization"}
+    assert body["x_test_plugin"] == "seen by organization/update"
+    assert ds_event.json["x_test_plugin"] == "seen by dataset/create"
+    assert ds_event.json["data"]["id"] == dataset["id"]
+    assert receiver.on("/vetoed") == []
