@@ -13,6 +13,9 @@ from typing import Any
 from ckan import authz
 from ckan.plugins import toolkit
 
+__all__ = ["webhook_create", "webhook_show", "webhook_delete", "webhook_deliveries",
+           "webhook_ping", "webhook_redeliver", "webhook_list"]
+
 LEVELS = ("anonymous", "user", "editor", "admin", "sysadmin")
 
 
@@ -40,34 +43,22 @@ def _meets_minimum(context: dict[str, Any]) -> dict[str, Any]:
             "msg": toolkit._("Webhooks on this portal need the role: %s") % level}
 
 
-@toolkit.auth_allow_anonymous_access
-def webhook_create(context, data_dict):
-    return _meets_minimum(context)
+def _capability(name: str):
+    """Auth of an action that anyone holding a hook id (or, for create, anyone)
+    may call, subject to ckanext.webhooks.minimum_auth."""
+    @toolkit.auth_allow_anonymous_access
+    def auth(context, data_dict):
+        return _meets_minimum(context)
+    auth.__name__ = auth.__qualname__ = name
+    return auth
 
 
-@toolkit.auth_allow_anonymous_access
-def webhook_show(context, data_dict):
-    return _meets_minimum(context)
-
-
-@toolkit.auth_allow_anonymous_access
-def webhook_delete(context, data_dict):
-    return _meets_minimum(context)
-
-
-@toolkit.auth_allow_anonymous_access
-def webhook_deliveries(context, data_dict):
-    return _meets_minimum(context)
-
-
-@toolkit.auth_allow_anonymous_access
-def webhook_ping(context, data_dict):
-    return _meets_minimum(context)
-
-
-@toolkit.auth_allow_anonymous_access
-def webhook_redeliver(context, data_dict):
-    return _meets_minimum(context)
+webhook_create = _capability("webhook_create")
+webhook_show = _capability("webhook_show")
+webhook_delete = _capability("webhook_delete")
+webhook_deliveries = _capability("webhook_deliveries")
+webhook_ping = _capability("webhook_ping")
+webhook_redeliver = _capability("webhook_redeliver")
 
 
 def webhook_list(context, data_dict):

@@ -147,3 +147,15 @@ def rabbitmq():
     if not processes.port_open(5672):
         pytest.fail("RabbitMQ is not running on 127.0.0.1:5672: run scripts/stack services")
     return "amqp://guest:guest@127.0.0.1:5672//"
+
+
+@pytest.fixture
+def no_leftover_hooks(webhooks_tables):
+    """Hooks of earlier tests point at receivers that are gone: drop them, so
+    that the workers of this test deliver to this test's receivers only."""
+    from ckan import model
+    import sqlalchemy as sa
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM webhooks"))
+    yield
+    model.Session.remove()

@@ -28,6 +28,8 @@ FAST = {
     "ckanext.webhooks.retry_schedule": "0 1 1 1 2 2 2 2 2 2",
 }
 
+pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
+
 
 def _queue() -> dict:
     return {"ckanext.webhooks.celery.queue": f"chaos-{uuid.uuid4().hex[:8]}"}
@@ -61,12 +63,6 @@ def _report(name: str, received: list, expected: int) -> tuple[int, int]:
     return distinct, duplicates
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_hooks(webhooks_tables):
-    with model.meta.engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM webhooks"))
-    yield
-    model.Session.remove()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 import ckanapi
 import jsonschema
 import pytest
-import sqlalchemy as sa
 
 from ckan import model
 
@@ -18,18 +17,13 @@ from . import processes
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.json").read_text())
 
+pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
+
 
 def _name(prefix: str = "ds") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_hooks(webhooks_tables):
-    """Hooks of earlier tests point at receivers that are gone: drop them."""
-    model.Session.execute(sa.text("DELETE FROM webhooks"))
-    model.Session.commit()
-    yield
-    model.Session.remove()
 
 
 @pytest.fixture

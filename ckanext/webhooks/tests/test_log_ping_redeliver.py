@@ -16,13 +16,9 @@ from ckan import model
 
 from . import processes
 
+pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
 
-@pytest.fixture(autouse=True)
-def no_leftover_hooks(webhooks_tables):
-    model.Session.execute(sa.text("DELETE FROM webhooks"))
-    model.Session.commit()
-    yield
-    model.Session.remove()
+
 
 
 def _wait(predicate, timeout=15.0):

@@ -164,12 +164,6 @@ def member_token(organization):
     return {"user": user, "token": factories.APIToken(user=user["name"])["token"]}
 
 
-@pytest.fixture
-def no_leftover_hooks(webhooks_tables):
-    model.Session.execute(sa.text("DELETE FROM webhooks"))
-    model.Session.commit()
-    yield
-    model.Session.remove()
 
 
 @pytest.mark.usefixtures("with_plugins", "no_leftover_hooks")
