@@ -85,16 +85,9 @@ def _record(entity: Any, operation: Any) -> None:
         snapshot["_package"] = {"private": bool(package.private),
                                 "owner_org": package.owner_org,
                                 "state": old_states.get(package.id, package.state)}
-    row = {
-        "id": ids.new_event_id(),
-        "topic": topic,
-        "object_id": entity.id,
-        "package_id": entity.id if kind == "dataset" else entity.package_id,
-        "created": utcnow(),
-        "snapshot": json.dumps(snapshot),
-        "data": None,
-    }
-    _insert_in_savepoint(session, row)
+    _insert_in_savepoint(session, topic, entity.id,
+                         entity.id if kind == "dataset" else entity.package_id,
+                         snapshot=snapshot, data=None)
 
 
 _INSERT = (
@@ -107,27 +100,30 @@ _INSERT = (
 
 def emit_event(topic: str, object_id: str, data: dict, package_id: Optional[str]) -> str:
     """An event of a plugin's own topic, in the current transaction."""
-    row = {"id": ids.new_event_id(), "topic": topic, "object_id": object_id,
-           "package_id": package_id, "created": utcnow(), "snapshot": None,
-           "data": json.dumps(data, default=str)}
-    _insert_in_savepoint(model.Session(), row)
-    return row["id"]
+    return _insert_in_savepoint(model.Session(), topic, object_id, package_id,
+                                snapshot=None, data=data)
 
 
-def _insert_in_savepoint(session, row: dict) -> None:
-    """Write the event inside a SAVEPOINT, in one round trip.
+def _insert_in_savepoint(session, topic: str, object_id: str, package_id: Optional[str],
+                         snapshot: Optional[dict], data: Optional[dict]) -> str:
+    """Write an event inside a SAVEPOINT, in one round trip; returns its id.
 
     If the insert fails (say the migration was not run), the savepoint is
     rolled back and the user's transaction goes on without the event. It is
     taken on the DB-API cursor, not the Session: a Session savepoint would fire
     before_commit, and with it CKAN's notifications, once more.
     """
+    row = {"id": ids.new_event_id(), "topic": topic, "object_id": object_id,
+           "package_id": package_id, "created": utcnow(),
+           "snapshot": None if snapshot is None else json.dumps(snapshot),
+           "data": None if data is None else json.dumps(data, default=str)}
     connection = session.connection()
     try:
         connection.exec_driver_sql(_INSERT, row)
     except Exception:
         connection.exec_driver_sql("ROLLBACK TO SAVEPOINT ckanext_webhooks_outbox")
         raise
+    return row["id"]
 
 
 def _transition(old: Optional[str], new: Optional[str], operation: str

@@ -101,9 +101,9 @@ def send_fanout() -> None:
     celery.send_task(FANOUT, queue=queue_name(), retry=False)
 
 
-def send_drain(count: int = 1, event_id: str | None = None) -> None:
+def send_drain(count: int = 1) -> None:
     for _ in range(count):
-        celery.send_task(DRAIN, args=[event_id], queue=queue_name(), retry=False)
+        celery.send_task(DRAIN, queue=queue_name(), retry=False)
 
 
 @signals.worker_process_init.connect

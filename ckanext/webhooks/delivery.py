@@ -69,8 +69,8 @@ class Sender:
     """Sends deliveries; one per process, safe to call from any thread."""
 
     def __init__(self, connect_timeout: float = 5.0, total_timeout: float = 15.0,
-                 max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
-                 **_ignored) -> None:
+                 max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16
+                 ) -> None:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self.max_bytes = max_bytes

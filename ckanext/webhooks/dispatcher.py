@@ -3,9 +3,10 @@
 The Celery tasks in :mod:`tasks` are thin: they call these functions. The
 database is the source of truth:
 
-* :func:`fan_out` claims outbox events (a lease, so one worker does each),
-  takes the entity's API view once, and queues one ``webhooks_delivery`` row
-  per subscribed hook with a single ``INSERT ... SELECT``, in one transaction.
+* :func:`fan_out` takes outbox events under a row lock (``FOR UPDATE SKIP
+  LOCKED``, so one worker does each), takes the entity's API view once, and
+  queues one ``webhooks_delivery`` row per subscribed hook with a single
+  ``INSERT ... SELECT``, in one transaction.
 * :func:`drain` claims due rows (``FOR UPDATE SKIP LOCKED``; the claim moves
   ``due`` forward by a lease, so work held by a dead worker comes back by
   itself), sends them concurrently, and records the outcomes in bulk: rows
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import datetime as dt
 import json
 import logging
 import math
@@ -36,7 +36,7 @@ from . import guard, payload, signing
 from .delivery import Outcome, Sender
 from .ids import fingerprint
 from .interfaces import IWebhooks
-from .model import Webhook, WebhookEvent
+from .model import Webhook, WebhookEvent, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +89,6 @@ def _process_sender() -> Sender:
     return _sender
 
 
-def reset_process_state() -> None:
-    """Forget connections and caches (after a fork, or when the config changes)."""
-    global _sender
-    with _state_lock:
-        if _sender is not None:
-            _sender.close()
-        _sender = None
-        _envelopes.clear()
-
-
 # --- fan-out ----------------------------------------------------------------
 
 FANOUT_EVENTS = 100  # events a fan-out task takes at a time
@@ -127,7 +117,7 @@ def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
         # a plugin's own topic came with their data.)
         if event.data is None:
             event.data = _entity_view(event)
-        event.fanned_out = _now()
+        event.fanned_out = utcnow()
         session.flush()
         known = (event.snapshot or {}).get("_package") or {}
         result = session.execute(sa.text("""
@@ -190,17 +180,17 @@ class _Job:
     topic: str = ""
 
 
-def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
+def claim(limit: int) -> list[_Job]:
     session = model.Session
-    rows = session.execute(sa.text(f"""
+    rows = session.execute(sa.text("""
         UPDATE webhooks_delivery d
            SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1
           FROM (SELECT event_id, hook_id FROM webhooks_delivery
-                 WHERE due <= now() {"AND event_id = :event_id" if event_id else ""}
+                 WHERE due <= now()
                  ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED) c
          WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id
         RETURNING d.event_id, d.hook_id, d.attempts
-    """), {"lease": lease_seconds(), "limit": limit, "event_id": event_id}).all()
+    """), {"lease": lease_seconds(), "limit": limit}).all()
     session.commit()
     return [_Job(r.event_id, r.hook_id, r.attempts) for r in rows]
 
@@ -208,7 +198,7 @@ def claim(limit: int, event_id: Optional[str] = None) -> list[_Job]:
 MAX_BATCHES_IN_FLIGHT = 4
 
 
-def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bool]:
+def drain(budget: float = 30.0) -> tuple[int, bool]:
     """Deliver due work until none is left or ``budget`` seconds have passed.
 
     Several batches are on the wire at once and each is recorded as soon as
@@ -221,7 +211,7 @@ def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bo
     while True:
         while (not exhausted and len(in_flight) < MAX_BATCHES_IN_FLIGHT
                and time.monotonic() - started < budget):
-            jobs = claim(batch_size(), event_id)
+            jobs = claim(batch_size())
             if not jobs:
                 exhausted = True
                 break
@@ -235,11 +225,6 @@ def drain(event_id: Optional[str] = None, budget: float = 30.0) -> tuple[int, bo
         for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
             in_flight.remove(batch)
             _finish(*batch)
-
-
-def deliver(jobs: list[_Job]) -> None:
-    """Deliver one claimed batch (prepare, send, record)."""
-    _finish(*_send(jobs, _prepare(jobs)))
 
 
 def _prepare(jobs: list[_Job]) -> list[_Job]:
@@ -400,9 +385,7 @@ def _record(jobs: list[_Job]) -> None:
                             job.event_id, fingerprint(job.hook_id), job.attempts)
             finished.append({"e": job.event_id, "h": job.hook_id})
 
-    attempts = [{"h": job.hook_id, "e": job.event_id, "t": job.topic,
-                 "n": job.attempts, "s": job.outcome.status, "x": job.outcome.error,
-                 "d": int(job.outcome.duration * 1000), "r": _text(job.outcome.body)}
+    attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome)
                 for job in jobs if job.outcome is not None]
     if attempts:
         log_attempts(attempts)
@@ -452,12 +435,18 @@ def _record(jobs: list[_Job]) -> None:
     session.commit()
 
 
-def log_attempts(rows: list[dict]) -> None:
-    """Append attempts to the delivery log (in the caller's transaction).
+def attempt_row(hook_id: str, event_id: str, topic: str, attempt: int,
+                outcome: Outcome) -> dict:
+    """One delivery log entry, as :func:`log_attempts` takes it."""
+    body = outcome.body.decode("utf-8", "replace").replace("\x00", "\ufffd") \
+        if outcome.body else None  # text PostgreSQL can store
+    return {"h": hook_id, "e": event_id, "t": topic, "n": attempt, "s": outcome.status,
+            "x": outcome.error, "d": int(outcome.duration * 1000), "r": body}
 
-    Each row: h hook id, e event id, t topic, n attempt, s status, x error,
-    d duration (ms), r the start of the answer.
-    """
+
+def log_attempts(rows: list[dict]) -> None:
+    """Append attempts (see :func:`attempt_row`) to the delivery log, in the
+    caller's transaction."""
     model.Session.execute(sa.text("""
         INSERT INTO webhooks_attempt (hook_id, event_id, topic, at, attempt, status, error,
                                       duration_ms, response)
@@ -466,11 +455,6 @@ def log_attempts(rows: list[dict]) -> None:
             AS v(h text, e text, t text, n int, s int, x text, d int, r text)
          WHERE EXISTS (SELECT 1 FROM webhooks w WHERE w.id = v.h)
     """), {"rows": json.dumps(rows)})
-
-
-def _text(body: bytes) -> Optional[str]:
-    """An answer's start as text PostgreSQL can store (no NUL characters)."""
-    return body.decode("utf-8", "replace").replace("\x00", "\ufffd") if body else None
 
 
 def _delete_hook(hook_id: str, reason: str) -> None:
@@ -521,6 +505,3 @@ def prune() -> dict[str, int]:
     session.commit()
     return {"stale_hooks": len(stale), "old_events": events, "old_attempts": attempts}
 
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional
 
 from . import dispatcher
 from .celery_app import DRAIN, FANOUT, PRUNE, SWEEP, celery, send_drain, send_fanout
@@ -19,10 +18,10 @@ def _helpers_for(due: int) -> int:
     return max(0, min(batches, 8) - 1)
 
 
-def _ask(count: int, event_id: Optional[str] = None) -> None:
+def _ask(count: int) -> None:
     if count:
         try:
-            send_drain(count, event_id)
+            send_drain(count)
         except Exception as error:  # noqa: BLE001 - the sweep will ask again
             log.warning("could not queue drain tasks: %s", error)
 
@@ -48,12 +47,12 @@ def fanout() -> int:
 
 
 @celery.task(name=DRAIN)
-def drain(event_id: Optional[str] = None) -> int:
-    done, more = dispatcher.drain(event_id)
+def drain() -> int:
+    done, more = dispatcher.drain()
     if done:
         log.info("delivery attempts made: %d", done)
     if more:
-        _ask(1, event_id)
+        _ask(1)
     return done
 
 

@@ -12,7 +12,7 @@ from ckan.plugins import toolkit
 
 from .. import guard, ids, payload, signing, verification
 from ..delivery import Outcome, web_sender
-from ..dispatcher import log_attempts
+from ..dispatcher import attempt_row, log_attempts
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
 
@@ -252,9 +252,7 @@ def webhook_ping(context, data_dict):
     else:
         outcome = web_sender().post(target, body.encode("utf-8"),
                                     signing.headers(event_id, body, hook.secret))
-    log_attempts([{"h": hook.id, "e": event_id, "t": "ping", "n": 1, "s": outcome.status,
-                   "x": outcome.error, "d": int(outcome.duration * 1000),
-                   "r": outcome.body.decode("utf-8", "replace").replace("\x00", "") or None}])
+    log_attempts([attempt_row(hook.id, event_id, "ping", 1, outcome)])
     model.Session.commit()
     return {"event_id": event_id, "ok": outcome.ok, "status": outcome.status,
             "error": outcome.error, "duration_ms": int(outcome.duration * 1000)}
