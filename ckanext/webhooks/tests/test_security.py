@@ -166,6 +166,13 @@ def member_token(organization):
 
 
 
+def _clients(url, member_token, sysadmin_token):
+    """ckanapi clients: anonymous, the organization member, a sysadmin."""
+    return (ckanapi.RemoteCKAN(url),
+            ckanapi.RemoteCKAN(url, apikey=member_token["token"]),
+            ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"]))
+
+
 @pytest.mark.usefixtures("with_plugins", "no_leftover_hooks")
 class TestWhoHearsWhat:
     def test_signed_deliveries_verify_with_the_standardwebhooks_library(
@@ -190,9 +197,7 @@ class TestWhoHearsWhat:
 
     def test_user_hooks_follow_the_users_permissions(
             self, worker, live_ckan, receiver, sysadmin_token, organization, member_token):
-        anon = ckanapi.RemoteCKAN(live_ckan)
-        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
-        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon, member, admin = _clients(live_ckan, member_token, sysadmin_token)
         anon.action.webhook_create(topic="dataset/create", address=receiver.url("/anon"))
         anon.action.webhook_create(topic="resource/create", address=receiver.url("/anon-res"))
         member.action.webhook_create(topic="dataset/create", address=receiver.url("/member"))
@@ -233,9 +238,7 @@ class TestWhoHearsWhat:
     def test_made_private_after_capture_is_not_delivered(
             self, only_my_workers, live_ckan, receiver, sysadmin_token, organization,
             member_token):
-        anon = ckanapi.RemoteCKAN(live_ckan)
-        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
-        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon, member, admin = _clients(live_ckan, member_token, sysadmin_token)
         anon.action.webhook_create(topic="dataset/create", address=receiver.url("/anon"))
         member.action.webhook_create(topic="dataset/create", address=receiver.url("/member"))
         # Captured while public; made private before any worker ran.
@@ -252,9 +255,7 @@ class TestWhoHearsWhat:
 
     def test_delete_events_reveal_nothing_new(
             self, worker, live_ckan, receiver, sysadmin_token, organization, member_token):
-        anon = ckanapi.RemoteCKAN(live_ckan)
-        member = ckanapi.RemoteCKAN(live_ckan, apikey=member_token["token"])
-        admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
+        anon, member, admin = _clients(live_ckan, member_token, sysadmin_token)
         anon.action.webhook_create(topic="dataset/delete", address=receiver.url("/anon"))
         member.action.webhook_create(topic="dataset/delete", address=receiver.url("/member"))
         private = admin.action.package_create(name=_name(), owner_org=organization["id"],
