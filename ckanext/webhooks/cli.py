@@ -126,6 +126,7 @@ def redeliver(since):
     """Queue again every event whose delivery failed since a time."""
     import sqlalchemy as sa
     from ckan import model
+    from .dispatcher import requeue, wake_workers
     failed = model.Session.execute(sa.text("""
         SELECT DISTINCT a.hook_id, a.event_id FROM webhooks_attempt a
           JOIN webhooks_event e ON e.id = a.event_id
@@ -137,11 +138,8 @@ def redeliver(since):
     """), {"since": since}).all()
     with click.progressbar(failed, label=f"Queueing {len(failed)} failed deliveries") as bar:
         for hook_id, event_id in bar:
-            model.Session.execute(sa.text("""
-                INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-                VALUES (:e, :h, 0, now()) ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
-            """), {"e": event_id, "h": hook_id})
-    model.Session.execute(sa.text("SELECT pg_notify('ckanext_webhooks_events', '')"))
+            requeue(event_id, hook_id)
+    wake_workers()
     model.Session.commit()
     click.echo(f"queued {len(failed)}")
 

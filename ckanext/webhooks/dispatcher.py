@@ -39,6 +39,8 @@ from .interfaces import IWebhooks
 from .model import Webhook, WebhookEvent, utcnow
 
 log = logging.getLogger(__name__)
+# The channel the outbox trigger (migration 01) notifies and workers LISTEN on.
+NOTIFY_CHANNEL = "ckanext_webhooks_events"
 
 
 def _cfg(key: str, default: Any) -> Any:
@@ -474,6 +476,22 @@ def _host(address: str) -> str:
 
 
 # --- sweeping and pruning -----------------------------------------------------
+
+def requeue(event_id: str, hook_id: str) -> None:
+    """Queue one (event, hook) delivery again, due now (in the caller's
+    transaction; call :func:`wake_workers` before committing)."""
+    model.Session.execute(sa.text("""
+        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
+        VALUES (:event_id, :hook_id, 0, now())
+        ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
+    """), {"event_id": event_id, "hook_id": hook_id})
+
+
+def wake_workers() -> None:
+    """Have PostgreSQL notify the workers' listeners when this transaction commits."""
+    model.Session.execute(sa.text("SELECT pg_notify(:channel, '')"),
+                          {"channel": NOTIFY_CHANNEL})
+
 
 def due_count(cap: int = 100000) -> int:
     return model.Session.execute(sa.text(

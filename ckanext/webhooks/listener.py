@@ -20,8 +20,9 @@ from celery import bootsteps
 
 from ckan import model
 
+from .dispatcher import NOTIFY_CHANNEL
+
 log = logging.getLogger(__name__)
-CHANNEL = "ckanext_webhooks_events"
 
 
 def _wake_a_worker() -> None:
@@ -40,7 +41,7 @@ def _listen(stop: threading.Event) -> None:
         try:
             conn = psycopg2.connect(dsn)
             conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-            conn.cursor().execute(f"LISTEN {CHANNEL}")
+            conn.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
             _wake_a_worker()  # whatever was committed while nobody listened
             while not stop.is_set():
                 if select.select([conn], [], [], 5.0) == ([], [], []):

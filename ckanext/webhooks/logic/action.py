@@ -12,7 +12,7 @@ from ckan.plugins import toolkit
 
 from .. import guard, ids, payload, signing, verification
 from ..delivery import Outcome, web_sender
-from ..dispatcher import attempt_row, log_attempts
+from ..dispatcher import attempt_row, log_attempts, requeue, wake_workers
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
 
@@ -275,12 +275,8 @@ def webhook_redeliver(context, data_dict):
     event = model.Session.get(WebhookEvent, data["event_id"])
     if not was_sent or event is None or event.data is None:
         raise toolkit.ObjectNotFound("No such past delivery for this webhook")
-    model.Session.execute(sa.text("""
-        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-        VALUES (:event_id, :hook_id, 0, now())
-        ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
-    """), {"event_id": event.id, "hook_id": hook.id})
-    model.Session.execute(sa.text("SELECT pg_notify('ckanext_webhooks_events', '')"))
+    requeue(event.id, hook.id)
+    wake_workers()
     model.Session.commit()
 
 
