@@ -58,19 +58,9 @@ def _action(name: str, **data):
               help="healthy: last attempt succeeded or none yet; failing: failing now.")
 def list_hooks(topic, host, state):
     """List hooks with their statistics, one JSON object per line."""
-    from ckan import model
+    from . import report
     from .logic.action import _dictize
-    from .model import Webhook
-    query = model.Session.query(Webhook).order_by(Webhook.created, Webhook.id)
-    if topic:
-        query = query.filter(Webhook.topic == topic)
-    if host:
-        query = query.filter(Webhook.host == host.lower())
-    if state == "healthy":
-        query = query.filter(Webhook.failing_since.is_(None))
-    elif state == "failing":
-        query = query.filter(Webhook.failing_since.isnot(None))
-    for hook in query.yield_per(500):
+    for hook in report.hooks(topic, host, state).yield_per(500):
         click.echo(json.dumps(_dictize(hook)))
 
 
@@ -99,24 +89,8 @@ def ping(hook_id):
 @webhooks.command()
 def stats():
     """Hooks, their health and the delivery queue, in numbers."""
-    import sqlalchemy as sa
-    from ckan import model
-    row = model.Session.execute(sa.text("""
-        SELECT (SELECT count(*) FROM webhooks) AS hooks,
-               (SELECT count(*) FROM webhooks WHERE failing_since IS NOT NULL) AS failing,
-               (SELECT count(*) FROM webhooks_delivery) AS pending,
-               (SELECT count(*) FROM webhooks_event WHERE fanned_out IS NULL) AS events_waiting,
-               (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day')
-                   AS attempts_24h,
-               (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day'
-                   AND status BETWEEN 200 AND 299) AS successes_24h
-    """)).mappings().one()
-    by_topic = dict(model.Session.execute(sa.text(
-        "SELECT topic, count(*) FROM webhooks GROUP BY topic ORDER BY topic")).all())
-    out = dict(row, by_topic=by_topic)
-    out["success_rate_24h"] = round(row["successes_24h"] / row["attempts_24h"], 4) \
-        if row["attempts_24h"] else None
-    click.echo(json.dumps(out, indent=2))
+    from . import report
+    click.echo(json.dumps(report.totals(), indent=2))
 
 
 @webhooks.command()
@@ -124,18 +98,11 @@ def stats():
               help="Failed attempts since this time (UTC), e.g. 2026-11-23T10:00:00.")
 def redeliver(since):
     """Queue again every event whose delivery failed since a time."""
-    import sqlalchemy as sa
+    import datetime as dt
     from ckan import model
+    from . import report
     from .dispatcher import requeue, wake_workers
-    failed = model.Session.execute(sa.text("""
-        SELECT DISTINCT a.hook_id, a.event_id FROM webhooks_attempt a
-          JOIN webhooks_event e ON e.id = a.event_id
-         WHERE a.at >= :since AND a.topic <> 'ping'
-           AND (a.status IS NULL OR a.status NOT BETWEEN 200 AND 299)
-           AND NOT EXISTS (SELECT 1 FROM webhooks_attempt ok
-                            WHERE ok.hook_id = a.hook_id AND ok.event_id = a.event_id
-                              AND ok.status BETWEEN 200 AND 299)
-    """), {"since": since}).all()
+    failed = report.failed_deliveries(since.replace(tzinfo=dt.timezone.utc))
     with click.progressbar(failed, label=f"Queueing {len(failed)} failed deliveries") as bar:
         for hook_id, event_id in bar:
             requeue(event_id, hook_id)

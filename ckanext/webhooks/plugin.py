@@ -13,9 +13,16 @@ from . import capture, celery_app
 @toolkit.blanket.cli
 @toolkit.blanket.config_declarations
 @toolkit.blanket.blueprints
+@toolkit.blanket.helpers
 class WebhooksPlugin(plugins.SingletonPlugin):
+    plugins.implements(plugins.IConfigurer)
     plugins.implements(plugins.IConfigurable)
     plugins.implements(plugins.IDomainObjectModification, inherit=True)
+
+    # IConfigurer
+
+    def update_config(self, config):
+        toolkit.add_template_directory(config, "templates")
 
     # IConfigurable
 

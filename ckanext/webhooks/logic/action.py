@@ -1,6 +1,7 @@
 """The webhook actions of the CKAN action API."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 from typing import Any
 
@@ -10,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from ckan import model
 from ckan.plugins import toolkit
 
-from .. import guard, ids, payload, signing, verification
+from .. import guard, ids, payload, report, signing, verification
 from ..delivery import Outcome, web_sender
 from ..dispatcher import attempt_row, log_attempts, requeue, wake_workers
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
@@ -47,6 +48,7 @@ def _dictize(hook: Webhook) -> dict[str, Any]:
         "address": hook.address,
         "created": iso(hook.created),
         "signed": bool(hook.secret),
+        "state": "failing" if hook.failing_since else "healthy",
         "filters": {"dataset": hook.dataset_id, "organization": hook.organization_id,
                     "group": hook.group_id},
         "statistics": {
@@ -178,21 +180,75 @@ def webhook_list(context, data_dict):
 
     :param topic: only hooks of this topic (optional)
     :type topic: string
-    :param limit: at most this many (optional, default 100)
+    :param host: only hooks whose address is on this host (optional)
+    :type host: string
+    :param state: ``healthy`` (no failure since the last success) or
+        ``failing`` (optional)
+    :type state: string
+    :param sort: ``created`` (default), ``topic``, ``host``, ``deliveries``,
+        ``success_rate``, ``last_delivery``, ``last_status`` or
+        ``consecutive_failures``
+    :type sort: string
+    :param descending: sort in descending order (optional, default false)
+    :type descending: bool
+    :param limit: at most this many (optional, default 100, at most 1000)
     :type limit: int
     :param offset: skip this many (optional)
     :type offset: int
 
-    :returns: webhooks as ``webhook_show`` shows them, oldest first
+    :returns: webhooks as ``webhook_show`` shows them
     :rtype: list of dictionaries
     """
     toolkit.check_access("webhook_list", context, data_dict)
     data = _validate(data_dict, schema.webhook_list_schema(), context)
-    query = model.Session.query(Webhook).order_by(Webhook.created, Webhook.id)
-    if data.get("topic"):
-        query = query.filter(Webhook.topic == data["topic"])
+    query = report.hooks(data.get("topic"), data.get("host"), data.get("state"),
+                         data.get("sort", "created"), data.get("descending", False))
     query = query.offset(data.get("offset", 0)).limit(min(data.get("limit", 100), 1000))
     return [_dictize(hook) for hook in query]
+
+
+@toolkit.side_effect_free
+def webhook_activity(context, data_dict):
+    """Delivery totals and hourly activity of all webhooks (sysadmins only).
+
+    :param days: how many days of hourly activity (optional, default 7, 1 to 90)
+    :type days: int
+
+    :returns: ``totals`` (``hooks``, ``failing``, ``pending``,
+        ``events_waiting``, ``attempts_24h``, ``successes_24h``,
+        ``success_rate_24h``, ``by_topic``) and ``hours``: one entry per hour,
+        oldest first, with ``hour`` (ISO 8601, UTC), ``attempts`` and
+        ``successes`` (pings excluded)
+    :rtype: dictionary
+    """
+    toolkit.check_access("webhook_activity", context, data_dict)
+    data = _validate(data_dict, schema.webhook_activity_schema(), context)
+    return {"totals": report.totals(), "hours": report.hourly_activity(data.get("days", 7))}
+
+
+def webhook_redeliver_failed(context, data_dict):
+    """Queue again every delivery that failed since a time and has not
+    succeeded since (sysadmins only), with original event ids and payloads.
+
+    :param since: ISO 8601 time (UTC unless it says otherwise)
+    :type since: string
+    :param id: only this webhook's failures (optional)
+    :type id: string
+
+    :returns: ``queued``: how many deliveries were queued
+    :rtype: dictionary
+    """
+    toolkit.check_access("webhook_redeliver_failed", context, data_dict)
+    data = _validate(data_dict, schema.webhook_redeliver_failed_schema(), context)
+    since = data["since"]
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=dt.timezone.utc)
+    failed = report.failed_deliveries(since, data.get("id"))
+    for hook_id, event_id in failed:
+        requeue(event_id, hook_id)
+    wake_workers()
+    model.Session.commit()
+    return {"queued": len(failed)}
 
 
 @toolkit.side_effect_free

@@ -14,7 +14,8 @@ from ckan import authz
 from ckan.plugins import toolkit
 
 __all__ = ["webhook_create", "webhook_show", "webhook_delete", "webhook_deliveries",
-           "webhook_ping", "webhook_redeliver", "webhook_list"]
+           "webhook_ping", "webhook_redeliver", "webhook_list", "webhook_activity",
+           "webhook_redeliver_failed"]
 
 LEVELS = ("anonymous", "user", "editor", "admin", "sysadmin")
 
@@ -61,5 +62,15 @@ webhook_ping = _capability("webhook_ping")
 webhook_redeliver = _capability("webhook_redeliver")
 
 
-def webhook_list(context, data_dict):
-    return {"success": False, "msg": toolkit._("Only sysadmins may list webhooks")}
+def _sysadmins_only(name: str):
+    """Auth of an action about every hook: sysadmins only (CKAN lets them
+    through before any auth function runs)."""
+    def auth(context, data_dict):
+        return {"success": False, "msg": toolkit._("Only sysadmins may do this")}
+    auth.__name__ = auth.__qualname__ = name
+    return auth
+
+
+webhook_list = _sysadmins_only("webhook_list")
+webhook_activity = _sysadmins_only("webhook_activity")
+webhook_redeliver_failed = _sysadmins_only("webhook_redeliver_failed")

@@ -25,12 +25,31 @@ def webhook_id_schema(not_missing, not_empty, webhooks_string, webhooks_id):
 
 
 @validator_args
-def webhook_list_schema(ignore_missing, webhooks_string, webhooks_topic,
-                        natural_number_validator):
+def webhook_list_schema(ignore_missing, webhooks_string, webhooks_topic, one_of,
+                        natural_number_validator, boolean_validator):
+    from ..report import SORTS, STATES
     return {
         "topic": [ignore_missing, webhooks_string, webhooks_topic],
+        "host": [ignore_missing, webhooks_string],
+        "state": [ignore_missing, webhooks_string, one_of(list(STATES))],
+        "sort": [ignore_missing, webhooks_string, one_of(list(SORTS))],
+        "descending": [ignore_missing, boolean_validator],
         "limit": [ignore_missing, natural_number_validator],
         "offset": [ignore_missing, natural_number_validator],
+    }
+
+
+@validator_args
+def webhook_activity_schema(ignore_missing, int_validator, webhooks_days):
+    return {"days": [ignore_missing, int_validator, webhooks_days]}
+
+
+@validator_args
+def webhook_redeliver_failed_schema(not_missing, not_empty, ignore_missing,
+                                    webhooks_string, webhooks_id, isodate):
+    return {
+        "since": [not_missing, webhooks_string, not_empty, isodate],
+        "id": [ignore_missing, webhooks_string, webhooks_id],
     }
 
 

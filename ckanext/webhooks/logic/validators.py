@@ -109,3 +109,10 @@ def webhooks_organization_filter(value: Any, context) -> Any:
 def webhooks_group_filter(value: Any, context) -> Any:
     """A group id or name the caller can see; stored as its id."""
     return _group_filter(value, context, False)
+
+
+def webhooks_days(value: Any) -> Any:
+    """A reporting window: 1 to 90 days."""
+    if not 1 <= value <= 90:
+        raise Invalid("Must be between 1 and 90")
+    return value
