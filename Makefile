@@ -1,5 +1,5 @@
 # ckanext-webhooks: the two commands of the README, and a few more.
-.PHONY: setup demo test bench chaos soak clean
+.PHONY: setup demo test bench chaos soak clean i18n
 
 setup:            ## services, virtualenv and databases (idempotent)
 	scripts/stack all
@@ -22,3 +22,7 @@ soak: setup       ## the soak test at full length: 30 min, 20 changes/s, 1,000 h
 
 clean:
 	rm -rf .run test-artifacts bench/results
+
+i18n:             ## refresh the message catalogue template (ckanext/webhooks/i18n/*.pot)
+	.venv/bin/pybabel extract -F babel.cfg --project ckanext-webhooks --no-location \
+	    --omit-header -o ckanext/webhooks/i18n/ckanext-webhooks.pot ckanext/webhooks

@@ -31,14 +31,18 @@ def activity_svg(hours: list[dict[str, Any]]) -> Markup:
             f'width="{max(step - 1, 1):.1f}" height="{height:.1f}" fill="#206b82">'
             f"<title>{escape(label)}</title></rect>")
         if rate is not None:
-            points.append(f"{x + step / 2:.1f},{TOP + plot_h * (1 - rate):.1f}")
+            points.append((x + step / 2, TOP + plot_h * (1 - rate)))
     ticks = []
     for i in range(0, len(hours), 24):  # one tick per day, at 00:00 UTC or the start
         x = LEFT + i * step
         ticks.append(f'<text x="{x:.1f}" y="{HEIGHT - 8}" font-size="11">'
                      f'{escape(hours[i]["hour"][5:10])}</text>')
-    line = (f'<polyline class="webhooks-rate" points="{" ".join(points)}" fill="none" '
-            f'stroke="#c0392b" stroke-width="1.5"/>') if points else ""
+    # A line through the hours with deliveries, and a dot on each (one hour alone
+    # would be no line at all).
+    line = (f'<polyline class="webhooks-rate" fill="none" stroke="#c0392b" stroke-width="1.5" '
+            f'points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}"/>'
+            + "".join(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="#c0392b"/>'
+                      for x, y in points)) if points else ""
     title = _("Deliveries per hour (bars, left axis) and success rate "
               "(line, right axis) over the last %d days") % (len(hours) // 24)
     return Markup(

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ckan.plugins as plugins
+from ckan.lib.plugins import DefaultTranslation
 from ckan.plugins import toolkit
 
 from . import capture, celery_app
@@ -14,7 +15,8 @@ from . import capture, celery_app
 @toolkit.blanket.config_declarations
 @toolkit.blanket.blueprints
 @toolkit.blanket.helpers
-class WebhooksPlugin(plugins.SingletonPlugin):
+class WebhooksPlugin(plugins.SingletonPlugin, DefaultTranslation):
+    plugins.implements(plugins.ITranslation)
     plugins.implements(plugins.IConfigurer)
     plugins.implements(plugins.IConfigurable)
     plugins.implements(plugins.IDomainObjectModification, inherit=True)

@@ -21,14 +21,14 @@ def webhooks_string(key, data, errors, context) -> None:
     value = data.get(key)
     if value is toolkit.missing or value is None or isinstance(value, str):
         return
-    errors[key].append("Must be a string")
+    errors[key].append(toolkit._("Must be a string"))
     raise toolkit.StopOnError
 
 
 def webhooks_topic(value: Any) -> Any:
     topics = all_topics()
     if not isinstance(value, str) or len(value) > MAX_TOPIC_LENGTH or value not in topics:
-        raise Invalid("Unknown topic. Choose one of: " + ", ".join(topics))
+        raise Invalid(toolkit._("Unknown topic. Choose one of: %s") % ", ".join(topics))
     return value
 
 
@@ -45,7 +45,8 @@ def webhooks_secret(value: Any) -> Any:
     """Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
     if value in (None, "", toolkit.missing):
         return None
-    error = Invalid("Must be 'whsec_' followed by the base64 encoding of 24 to 64 bytes")
+    error = Invalid(toolkit._(
+        "Must be 'whsec_' followed by the base64 encoding of 24 to 64 bytes"))
     if len(value) > MAX_SECRET_LENGTH or not value.startswith("whsec_"):
         raise error
     try:
@@ -59,11 +60,8 @@ def webhooks_secret(value: Any) -> Any:
 
 def webhooks_id(value: Any) -> Any:
     if not isinstance(value, str) or not value or len(value) > 200:
-        raise Invalid("Must be a webhook id")
+        raise Invalid(toolkit._("Must be a webhook id"))
     return value
-
-
-_HIDDEN = "Not found, or not visible to you"
 
 
 def _visible(action: str, context, value) -> bool:
@@ -85,7 +83,8 @@ def webhooks_dataset_filter(value: Any, context) -> Any:
     package = model.Package.get(value) if len(value) <= 200 else None
     if package is None or package.state == "deleted" \
             or not _visible("package_show", context, package.id):
-        raise Invalid(_HIDDEN)  # the same answer whether it exists or is private
+        # The same answer whether it does not exist or is private.
+        raise Invalid(toolkit._("Not found, or not visible to you"))
     return package.id
 
 
@@ -97,7 +96,7 @@ def _group_filter(value: Any, context, is_organization: bool) -> Any:
     action = "organization_show" if is_organization else "group_show"
     if group is None or group.state != "active" or group.is_organization != is_organization \
             or not _visible(action, context, group.id):
-        raise Invalid(_HIDDEN)
+        raise Invalid(toolkit._("Not found, or not visible to you"))
     return group.id
 
 
@@ -114,5 +113,5 @@ def webhooks_group_filter(value: Any, context) -> Any:
 def webhooks_days(value: Any) -> Any:
     """A reporting window: 1 to 90 days."""
     if not 1 <= value <= 90:
-        raise Invalid("Must be between 1 and 90")
+        raise Invalid(toolkit._("Must be between 1 and 90"))
     return value

@@ -117,7 +117,8 @@ def sysadmin_token():
 
 @pytest.fixture
 def organization(sysadmin_token):
-    return factories.Organization(user=sysadmin_token["user"])
+    # No image: factories link a random one on the internet, which a page would load.
+    return factories.Organization(user=sysadmin_token["user"], image_url="")
 
 
 @pytest.fixture

@@ -279,3 +279,19 @@ def test_every_template_string_is_translatable():
         leftovers = re.findall(r"[A-Za-z]{2,}", text)
         allowed = {"HTTP", "ms"}  # a protocol name and a unit
         assert set(leftovers) <= allowed, (path.name, leftovers)
+
+
+def test_message_catalogue_is_current(tmp_path):
+    """ckanext/webhooks/i18n/ckanext-webhooks.pot holds every translatable
+    string (make i18n refreshes it)."""
+    import subprocess
+    import sys
+    root = Path(__file__).parents[3]
+    fresh = tmp_path / "fresh.pot"
+    subprocess.run([str(Path(sys.executable).parent / "pybabel"), "extract",
+                    "-F", str(root / "babel.cfg"), "--no-location", "--omit-header",
+                    "-o", str(fresh), str(root / "ckanext" / "webhooks")], check=True, capture_output=True)
+    msgids = lambda path: set(re.findall(r'^msgid "(.+)"$', path.read_text(), re.M))  # noqa: E731
+    committed = msgids(root / "ckanext" / "webhooks" / "i18n" / "ckanext-webhooks.pot")
+    assert len(committed) > 80
+    assert msgids(fresh) == committed
