@@ -1,5 +1,5 @@
 # ckanext-webhooks: the two commands of the README, and a few more.
-.PHONY: setup demo test bench chaos soak clean i18n
+.PHONY: setup demo test test-2.12 test-2.11 bench chaos soak clean i18n
 
 setup:            ## services, virtualenv and databases (idempotent)
 	scripts/stack all
@@ -7,8 +7,18 @@ setup:            ## services, virtualenv and databases (idempotent)
 demo: setup       ## a CKAN with the extension, a worker and a receiver; shows a delivery
 	scripts/demo
 
-test: setup       ## the whole test suite
+test:             ## the whole test suite on CKAN 2.12, then on CKAN 2.11
+	scripts/stack both
+	scripts/test; s212=$$?; CKAN_VERSION=2.11 scripts/test; s211=$$?; \
+	    echo "test suite: CKAN 2.12 exit $$s212, CKAN 2.11 exit $$s211"; \
+	    [ $$s212 -eq 0 ] && [ $$s211 -eq 0 ]
+
+test-2.12: setup  ## the suite on CKAN 2.12 only
 	scripts/test
+
+test-2.11:        ## the suite on CKAN 2.11 only
+	CKAN_VERSION=2.11 scripts/stack all
+	CKAN_VERSION=2.11 scripts/test
 
 bench: setup      ## the benchmarks in bench/ (JSON results in bench/results/)
 	.venv/bin/python bench/run_all.py

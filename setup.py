@@ -13,8 +13,8 @@ setup(
     include_package_data=True,
     zip_safe=False,
     install_requires=[
-        "celery>=5.7,<6",
-        "kombu>=5.7,<6",
+        "celery>=5.5,<6",
+        "kombu>=5.5,<6",
         "standardwebhooks>=1.0.1,<2",
         "h11>=0.16,<1",
     ],

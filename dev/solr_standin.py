@@ -7,7 +7,7 @@ Solr's HTTP API for those calls to succeed:
 
 * ``/solr/<core>/update``   accepts any index update and discards it;
 * ``/solr/<core>/select``   answers every query with zero results;
-* ``/solr/<core>/schema``   reports a CKAN 2.12 schema so CKAN's version check passes.
+* ``/solr/<core>/schema``   reports a CKAN 2.11 schema, which CKAN 2.11 and 2.12 both accept, so their version check passes.
 
 It is not a search engine: nothing is indexed and ``package_search`` finds
 nothing. ckanext-webhooks never depends on search. A real deployment points
@@ -19,7 +19,7 @@ import argparse
 import json
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SCHEMA = b'<?xml version="1.0"?><schema name="ckan-2.12" version="1.6"/>'
+SCHEMA = b'<?xml version="1.0"?><schema name="ckan-2.11" version="1.6"/>'
 EMPTY_RESULT = {
     "responseHeader": {"status": 0, "QTime": 0, "params": {}},
     "response": {"numFound": 0, "start": 0, "docs": []},

@@ -110,7 +110,7 @@ def live_ckan(webhooks_tables):
 @pytest.fixture
 def sysadmin_token():
     """A sysadmin and an API token for it, created in the real database."""
-    sysadmin = factories.Sysadmin()
+    sysadmin = factories.Sysadmin(image_url="")
     token = factories.APIToken(user=sysadmin["name"])
     return {"user": sysadmin, "token": token["token"]}
 

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[3]
-TEST_INI = ROOT / "test.ini"
+# scripts/test names the ini of the CKAN version under test (test-2.11.ini on 2.11).
+TEST_INI = Path(os.environ.get("WEBHOOKS_TEST_INI") or ROOT / "test.ini")
 BIN = Path(sys.executable).parent
-LOGS = ROOT / "test-artifacts" / "logs"
+ARTIFACTS = Path(os.environ.get("WEBHOOKS_ARTIFACTS") or ROOT / "test-artifacts")
+LOGS = ARTIFACTS / "logs"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
