@@ -25,11 +25,18 @@ def _csrf(page_html: str) -> str:
     return re.search(r'name="_csrf_token" value="([^"]+)"', page_html).group(1)
 
 
-def _form(app, url: str, token: str | None = None) -> tuple[str, dict]:
+def _form(web, url: str, token: str | None = None) -> tuple[str, dict]:
     headers = {"Authorization": token} if token else {}
-    page = app.get(url, headers=headers)
+    page = web.get(url, headers=headers)
     assert page.status_code == 200
     return page.body, {"_csrf_token": _csrf(page.body)}
+
+
+@pytest.fixture
+def web(app):
+    """One client for a whole test, keeping its cookies (the session holds the
+    CSRF token): CKAN 2.11's test app opens a new client for every request."""
+    return app.test_client()
 
 
 @pytest.fixture
@@ -39,15 +46,15 @@ def dataset():
 
 @pytest.mark.usefixtures("clean_db", "with_plugins")
 class TestSubscribe:
-    def test_dataset_page_links_to_its_form(self, app, dataset):
-        page = app.get(f"/dataset/{dataset['name']}")
+    def test_dataset_page_links_to_its_form(self, web, dataset):
+        page = web.get(f"/dataset/{dataset['name']}")
         link = re.search(r'<a class="btn btn-secondary webhooks-subscribe" href="([^"]+)"',
                          page.body)
         assert link and link.group(1) == f"/dataset/{dataset['name']}/webhooks/new"
         assert "Get notified of changes" in page.body
 
-    def test_form_is_prefilled_for_the_dataset(self, app, dataset):
-        body, _ = _form(app, f"/dataset/{dataset['name']}/webhooks/new")
+    def test_form_is_prefilled_for_the_dataset(self, web, dataset):
+        body, _ = _form(web, f"/dataset/{dataset['name']}/webhooks/new")
         assert dataset["title"] in body
         topics = re.findall(r'name="topic" value="([^"]+)"', body)
         assert topics == ["dataset/create", "dataset/update", "dataset/delete",
@@ -55,9 +62,9 @@ class TestSubscribe:
         assert 'name="address"' in body and 'name="secret"' in body
 
     def test_subscribing_stores_one_hook_per_topic_with_the_dataset_filter(
-            self, app, dataset, receiver):
-        _, form = _form(app, f"/dataset/{dataset['name']}/webhooks/new")
-        page = app.post(f"/dataset/{dataset['name']}/webhooks/new", data=dict(
+            self, web, dataset, receiver):
+        _, form = _form(web, f"/dataset/{dataset['name']}/webhooks/new")
+        page = web.post(f"/dataset/{dataset['name']}/webhooks/new", data=dict(
             form, topic=["dataset/update", "resource/create"], address=receiver.url("/p")))
         assert page.status_code == 200
         hooks = _hooks()
@@ -71,9 +78,9 @@ class TestSubscribe:
         assert page.headers["Referrer-Policy"] == "no-referrer"
         assert len(receiver.verifications) == 2  # each address verified, as by the API
 
-    def test_site_wide_form_has_no_dataset_filter(self, app, receiver):
-        _, form = _form(app, "/webhooks/new")
-        app.post("/webhooks/new", data=dict(form, topic="dataset/create",
+    def test_site_wide_form_has_no_dataset_filter(self, web, receiver):
+        _, form = _form(web, "/webhooks/new")
+        web.post("/webhooks/new", data=dict(form, topic="dataset/create",
                                             address=receiver.url("/site"),
                                             secret="whsec_" + "A" * 32))
         [hook] = _hooks()
@@ -90,10 +97,10 @@ class TestSubscribe:
         ({"topic": "dataset/update", "address": "http://127.0.0.2:9/x", "secret": "nope"},
          "field-secret", "whsec_"),
     ])
-    def test_bad_input_is_shown_inline_and_nothing_stored(self, app, fields, field_id,
+    def test_bad_input_is_shown_inline_and_nothing_stored(self, web, fields, field_id,
                                                           message):
-        _, form = _form(app, "/webhooks/new")
-        page = app.post("/webhooks/new", data=dict(form, **fields))
+        _, form = _form(web, "/webhooks/new")
+        page = web.post("/webhooks/new", data=dict(form, **fields))
         assert page.status_code == 200
         assert _hooks() == []
         assert 'class="error-explanation' in page.body  # the summary at the top
@@ -104,78 +111,86 @@ class TestSubscribe:
         if fields.get("address"):
             assert fields["address"] in unescape(page.body)
 
-    def test_unverified_address_is_refused(self, app, receiver):
+    def test_unverified_address_is_refused(self, web, receiver):
         receiver.verify_mode["/no"] = "403"
-        _, form = _form(app, "/webhooks/new")
-        page = app.post("/webhooks/new", data=dict(form, topic="dataset/update",
+        _, form = _form(web, "/webhooks/new")
+        page = web.post("/webhooks/new", data=dict(form, topic="dataset/update",
                                                    address=receiver.url("/no")))
         assert "verif" in page.body.lower() or "challenge" in page.body.lower()
         assert _hooks() == []
 
-    def test_all_topics_or_none(self, app, receiver):
+    def test_all_topics_or_none(self, web, receiver):
         """A refusal of the second topic (a duplicate) removes the first one."""
         helpers.call_action("webhook_create", topic="dataset/delete",
                             address=receiver.url("/dup"))
-        _, form = _form(app, "/webhooks/new")
-        page = app.post("/webhooks/new", data=dict(
+        _, form = _form(web, "/webhooks/new")
+        page = web.post("/webhooks/new", data=dict(
             form, topic=["dataset/create", "dataset/delete"], address=receiver.url("/dup")))
         assert "already exists" in page.body
         assert [h.topic for h in _hooks()] == ["dataset/delete"]
 
-    def test_post_without_csrf_token_is_refused(self, app, receiver):
-        page = app.post("/webhooks/new", data={"topic": "dataset/update",
+    def test_post_without_csrf_token_is_refused(self, web, receiver):
+        page = web.post("/webhooks/new", data={"topic": "dataset/update",
                                                "address": receiver.url("/csrf")},
                         status=400)
         assert "not from this site" in page.body
         assert _hooks() == [] and receiver.verifications == []
 
     def test_logged_in_post_without_token_is_refused_after_anonymous_visits(
-            self, app, receiver):
+            self, app, web, receiver):
         """CKAN exempts a view from its own CSRF check once an anonymous
         visitor used it; these forms keep checking for everyone."""
-        app.get("/webhooks/new")
-        app.post("/webhooks/new", data={"topic": "dataset/update"}, status=400)
-        user = factories.User()
-        client = app.test_client(user=model.User.get(user["id"]))
-        page = client.post("/webhooks/new", data={"topic": "dataset/update",
-                                                  "address": receiver.url("/u")})
+        app.test_client().get("/webhooks/new")  # an anonymous visitor first
+        user = factories.User(password="Pages-test-passw0rd")
+        _, form = _form(web, "/user/login")
+        web.post("/user/login", data=dict(form, login=user["name"],
+                                          password="Pages-test-passw0rd"))
+        assert user["name"] in web.get("/dashboard/datasets", status=200).body
+        page = web.post("/webhooks/new", data={"topic": "dataset/update",
+                                               "address": receiver.url("/u")})
         assert page.status_code == 400
         assert _hooks() == [] and receiver.verifications == []
+        # and with the token, the same user may subscribe
+        _, form = _form(web, "/webhooks/new")
+        web.post("/webhooks/new", data=dict(form, topic="dataset/update",
+                                            address=receiver.url("/u")), status=200)
+        [hook] = _hooks()
+        assert hook.user_id == user["id"]
 
-    def test_private_or_unknown_dataset_is_a_404(self, app):
+    def test_private_or_unknown_dataset_is_a_404(self, web):
         org = factories.Organization()
         private = factories.Dataset(owner_org=org["id"], private=True)
         for name in (private["name"], "no-such-dataset"):
-            app.get(f"/dataset/{name}/webhooks/new", status=404)
-            assert "Get notified" not in app.get(f"/dataset/{name}", status=404).body
+            web.get(f"/dataset/{name}/webhooks/new", status=404)
+            assert "Get notified" not in web.get(f"/dataset/{name}", status=404).body
 
-    def test_unknown_topic_values_are_ignored_not_stored(self, app, receiver):
-        _, form = _form(app, "/webhooks/new")
-        app.post("/webhooks/new", data=dict(form, topic=["dataset/update", "<script>"],
+    def test_unknown_topic_values_are_ignored_not_stored(self, web, receiver):
+        _, form = _form(web, "/webhooks/new")
+        web.post("/webhooks/new", data=dict(form, topic=["dataset/update", "<script>"],
                                             address=receiver.url("/t")))
         assert [h.topic for h in _hooks()] == ["dataset/update"]
 
     @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "1")
-    def test_anonymous_form_posts_are_rate_limited(self, app, receiver):
+    def test_anonymous_form_posts_are_rate_limited(self, web, receiver):
         import redis
         from ckan.plugins import toolkit
         client = redis.Redis.from_url(toolkit.config["ckan.redis.url"])
         for key in client.scan_iter("ckanext-webhooks:create:*"):
             client.delete(key)
-        _, form = _form(app, "/webhooks/new")
+        _, form = _form(web, "/webhooks/new")
         data = dict(form, topic="dataset/update", address=receiver.url("/rl"))
-        app.post("/webhooks/new", data=data, status=200)
-        page = app.post("/webhooks/new", data=dict(data, address=receiver.url("/rl2")),
+        web.post("/webhooks/new", data=data, status=200)
+        page = web.post("/webhooks/new", data=dict(data, address=receiver.url("/rl2")),
                         status=429)
         assert int(page.headers["Retry-After"]) > 0
         assert "Too many webhooks" in page.body
         assert len(_hooks()) == 1
 
     @pytest.mark.ckan_config("ckanext.webhooks.minimum_auth", "user")
-    def test_no_link_and_no_form_when_the_portal_requires_login(self, app, dataset):
-        assert "Get notified" not in app.get(f"/dataset/{dataset['name']}").body
-        _, form = _form(app, "/webhooks/new")
-        app.post("/webhooks/new", data=dict(form, topic="dataset/update",
+    def test_no_link_and_no_form_when_the_portal_requires_login(self, web, dataset):
+        assert "Get notified" not in web.get(f"/dataset/{dataset['name']}").body
+        _, form = _form(web, "/webhooks/new")
+        web.post("/webhooks/new", data=dict(form, topic="dataset/update",
                                             address="http://127.0.0.2:9/x"), status=403)
 
 
@@ -186,80 +201,80 @@ class TestManage:
         return helpers.call_action("webhook_create", topic="dataset/update",
                                    address=receiver.url("/m"))
 
-    def test_hook_page_shows_it(self, app, hook, receiver):
-        page = app.get(f"/webhooks/{hook}")
+    def test_hook_page_shows_it(self, web, hook, receiver):
+        page = web.get(f"/webhooks/{hook}")
         assert receiver.url("/m") in page.body
         assert "dataset/update" in page.body
         assert "No delivery attempts yet" in page.body
         assert "no-store" in page.headers["Cache-Control"]
         assert page.headers["Referrer-Policy"] == "no-referrer"
 
-    def test_unknown_id_is_ckans_404_page(self, app):
-        page = app.get("/webhooks/" + "x" * 43, status=404)
+    def test_unknown_id_is_ckans_404_page(self, web):
+        page = web.get("/webhooks/" + "x" * 43, status=404)
         assert "Webhook not found" in page.body
-        app.get("/webhooks/" + "x" * 5000, status=404)
+        web.get("/webhooks/" + "x" * 5000, status=404)
 
-    def test_ping_then_log_then_delete(self, app, hook, receiver):
-        body, form = _form(app, f"/webhooks/{hook}")
-        page = app.post(f"/webhooks/{hook}/ping", data=form, follow_redirects=True)
+    def test_ping_then_log_then_delete(self, web, hook, receiver):
+        body, form = _form(web, f"/webhooks/{hook}")
+        page = web.post(f"/webhooks/{hook}/ping", data=form, follow_redirects=True)
         assert "Ping delivered: HTTP 200" in page.body
         [ping] = receiver.on("/m")
         assert ping.json["topic"] == "ping" and ping.json["webhook_id"] == hook
         assert "<code>ping</code>" in page.body  # the attempt is in the log table
-        confirm, form = _form(app, f"/webhooks/{hook}/delete")
+        confirm, form = _form(web, f"/webhooks/{hook}/delete")
         assert "This cannot be undone" in confirm
         assert _hooks()  # a GET deletes nothing
-        page = app.post(f"/webhooks/{hook}/delete", data=form, follow_redirects=True)
+        page = web.post(f"/webhooks/{hook}/delete", data=form, follow_redirects=True)
         assert "will receive no more events" in page.body
         assert _hooks() == []
-        app.get(f"/webhooks/{hook}", status=404)
+        web.get(f"/webhooks/{hook}", status=404)
 
-    def test_buttons_need_the_csrf_token(self, app, hook, receiver):
-        app.post(f"/webhooks/{hook}/ping", data={}, status=400)
-        app.post(f"/webhooks/{hook}/delete", data={}, status=400)
+    def test_buttons_need_the_csrf_token(self, web, hook, receiver):
+        web.post(f"/webhooks/{hook}/ping", data={}, status=400)
+        web.post(f"/webhooks/{hook}/delete", data={}, status=400)
         assert receiver.on("/m") == [] and len(_hooks()) == 1
 
-    def test_delete_and_ping_of_unknown_ids_are_404(self, app, hook):
-        _, form = _form(app, f"/webhooks/{hook}")
-        app.post("/webhooks/nope/ping", data=form, status=404)
-        app.post("/webhooks/nope/delete", data=form, status=404)
+    def test_delete_and_ping_of_unknown_ids_are_404(self, web, hook):
+        _, form = _form(web, f"/webhooks/{hook}")
+        web.post("/webhooks/nope/ping", data=form, status=404)
+        web.post("/webhooks/nope/delete", data=form, status=404)
 
 
 @pytest.mark.usefixtures("clean_db", "with_plugins")
 class TestDashboard:
-    def test_only_sysadmins(self, app):
+    def test_only_sysadmins(self, web):
         user = factories.User()
         token = factories.APIToken(user=user["name"])["token"]
-        app.get("/ckan-admin/webhooks", status=403)
-        app.get("/ckan-admin/webhooks", headers={"Authorization": token}, status=403)
-        _, form = _form(app, "/webhooks/new", token)
-        app.post("/ckan-admin/webhooks/redeliver", headers={"Authorization": token},
+        web.get("/ckan-admin/webhooks", status=403)
+        web.get("/ckan-admin/webhooks", headers={"Authorization": token}, status=403)
+        _, form = _form(web, "/webhooks/new", token)
+        web.post("/ckan-admin/webhooks/redeliver", headers={"Authorization": token},
                  data=dict(form, since="2000-01-01"), status=403)
 
-    def test_sysadmin_sees_every_hook_and_the_chart(self, app, sysadmin_token, receiver):
+    def test_sysadmin_sees_every_hook_and_the_chart(self, web, sysadmin_token, receiver):
         for topic in ("dataset/create", "resource/update"):
             helpers.call_action("webhook_create", topic=topic, address=receiver.url("/d"))
-        page = app.get("/ckan-admin/webhooks", headers={"Authorization": sysadmin_token["token"]})
+        page = web.get("/ckan-admin/webhooks", headers={"Authorization": sysadmin_token["token"]})
         assert page.body.count('class="webhook-row"') == 2
         assert "<svg" in page.body and page.body.count('class="webhooks-bar"') == 7 * 24
         assert 'href="/ckan-admin/webhooks"' in page.body  # the admin area's tab
         assert "cdn" not in page.body.lower().replace("ckan", "")  # no external chart library
-        filtered = app.get("/ckan-admin/webhooks?topic=resource/update",
+        filtered = web.get("/ckan-admin/webhooks?topic=resource/update",
                            headers={"Authorization": sysadmin_token["token"]})
         assert filtered.body.count('class="webhook-row"') == 1
         assert 'data-topic="resource/update"' in filtered.body
 
     @pytest.mark.parametrize("query", ["sort=password", "state=weird", "topic=nope",
                                        "page=-1&sort=created", "descending=maybe"])
-    def test_bad_parameters_are_a_clear_error(self, app, sysadmin_token, query):
-        page = app.get(f"/ckan-admin/webhooks?{query}",
+    def test_bad_parameters_are_a_clear_error(self, web, sysadmin_token, query):
+        page = web.get(f"/ckan-admin/webhooks?{query}",
                        headers={"Authorization": sysadmin_token["token"]})
         assert page.status_code in (200, 400)
         if page.status_code == 400:
             assert "Internal server error" not in page.body
 
-    def test_user_input_is_escaped(self, app, sysadmin_token):
-        page = app.get("/ckan-admin/webhooks?host=<script>alert(1)</script>",
+    def test_user_input_is_escaped(self, web, sysadmin_token):
+        page = web.get("/ckan-admin/webhooks?host=<script>alert(1)</script>",
                        headers={"Authorization": sysadmin_token["token"]})
         assert "<script>alert(1)" not in page.body
         assert "&lt;script&gt;alert(1)" in page.body
