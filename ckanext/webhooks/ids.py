@@ -5,8 +5,12 @@ import uuid
 
 
 def new_hook_id() -> str:
-    """256 random bits from ``secrets``, URL-safe (43 characters)."""
-    return secrets.token_urlsafe(32)
+    """43 URL-safe characters from ``secrets`` (about 256 random bits), never
+    starting with ``-``: a command line would take such an id for an option."""
+    while True:
+        hook_id = secrets.token_urlsafe(32)
+        if not hook_id.startswith("-"):
+            return hook_id
 
 
 def new_event_id() -> str:

@@ -57,6 +57,12 @@ class TestSeedApi:
                     for a, b in zip(hooks, hooks[1:])]
         assert max(prefixes) < 6
 
+    def test_ids_never_look_like_command_line_options(self):
+        from ckanext.webhooks.ids import new_hook_id
+        ids = [new_hook_id() for _ in range(5000)]  # 1 in 64 would start with "-"
+        assert not [i for i in ids if i.startswith("-")]
+        assert len(set(ids)) == 5000 and {len(i) for i in ids} == {43}
+
     def test_every_topic_is_accepted(self):
         for topic in ("dataset/create", "dataset/update", "dataset/delete",
                       "resource/create", "resource/update", "resource/delete"):

@@ -311,7 +311,7 @@ def test_soak(private_stack, dataset, organization):
     requests; at the end every event reached every hook, the queue is empty
     and worker memory stayed bounded. Scaled down by default; full length:
     WEBHOOKS_SOAK_SECONDS=1800 WEBHOOKS_SOAK_RATE=20 WEBHOOKS_SOAK_HOOKS=1000."""
-    seconds = float(os.environ.get("WEBHOOKS_SOAK_SECONDS", "45"))
+    seconds = float(os.environ.get("WEBHOOKS_SOAK_SECONDS", "30"))
     rate = float(os.environ.get("WEBHOOKS_SOAK_RATE", "4"))
     hook_count = int(os.environ.get("WEBHOOKS_SOAK_HOOKS", "50"))
     receiver = Receiver(fail_ratio=0.10).start()

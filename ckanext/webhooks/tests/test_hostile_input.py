@@ -80,15 +80,24 @@ def test_the_table_is_large():
     assert len(HOSTILE) >= 40
 
 
-@pytest.mark.usefixtures("clean_db", "with_plugins")
-@pytest.mark.parametrize("data", HOSTILE)
-def test_hostile_input_is_refused_clearly(app, data):
-    response = app.post("/api/3/action/webhook_create", json=data)
-    assert response.status_code in (403, 404, 409), (response.status_code, response.data[:300])
+def _refused_clearly(response) -> bool:
+    if response.status_code not in (403, 404, 409):
+        return False
     body = response.json
-    assert body["success"] is False
     messages = {k: v for k, v in body["error"].items() if k != "__type"}
-    assert messages and all(v for v in messages.values())
+    return body["success"] is False and bool(messages) and all(messages.values())
+
+
+@pytest.mark.usefixtures("clean_db", "with_plugins")
+def test_hostile_input_is_refused_clearly(app):
+    """Every row of the table, through one app (one CKAN app per row cost
+    most of a minute); a failure lists every row that was not refused."""
+    badly_answered = []
+    for data in HOSTILE:
+        response = app.post("/api/3/action/webhook_create", json=data)
+        if not _refused_clearly(response):
+            badly_answered.append((data, response.status_code, response.data[:300]))
+    assert badly_answered == []
     assert _count() == 0
 
 
