@@ -21,6 +21,7 @@ test-2.11:        ## the suite on CKAN 2.11 only
 	CKAN_VERSION=2.11 scripts/test
 
 bench: setup      ## the benchmarks in bench/ (JSON results in bench/results/)
+	scripts/stack bench-tools
 	.venv/bin/python bench/run_all.py
 
 chaos: setup      ## the fault tests alone (killed workers, restarts, hostile receivers)

@@ -46,7 +46,7 @@ def sql(statement: str, **params):
 
 
 def reset_webhooks() -> None:
-    sql("TRUNCATE webhooks_delivery, webhooks_event, webhooks")
+    sql("TRUNCATE webhooks_attempt, webhooks_delivery, webhooks_event, webhooks")
     import redis
     redis.Redis.from_url("redis://127.0.0.1:6379/5").flushdb()
 

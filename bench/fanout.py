@@ -107,7 +107,7 @@ def main() -> None:
                            "site_url": "http://127.0.0.1", "schema_version": "1",
                            "data": admin.action.package_show(id=dataset["id"])}).encode()
         for impl, plan in receivers.items():
-            sql("TRUNCATE webhooks_delivery, webhooks")
+            sql("TRUNCATE webhooks_attempt, webhooks_delivery, webhooks")
             receiver = start_receiver(RECEIVER_PORT, impl)
             try:
                 runs, done = [], 0

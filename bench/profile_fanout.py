@@ -13,6 +13,7 @@ import argparse
 import collections
 import os
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -70,7 +71,7 @@ def main() -> None:
                   "postgres": postgres, "web": tree(stack.web.proc.pid)}
         if args.py_spy:
             spies = [(Path(f"/tmp/profile-fanout-{pid}.txt"), subprocess.Popen(
-                ["py-spy", "record", "-d", "8", "-f", "raw", "-r", "200", "-o",
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-d", "8", "-f", "raw", "-r", "200", "-o",
                  f"/tmp/profile-fanout-{pid}.txt", "-p", str(pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 for pid in groups["worker"][1:]]

@@ -82,7 +82,7 @@ class Sender:
         self._idle: "collections.OrderedDict[tuple, list[_Connection]]" = \
             collections.OrderedDict()
         self._ssl: Optional[ssl.SSLContext] = None
-        self._loop = _new_event_loop()
+        self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="ckanext-webhooks-sender")
         self._thread.start()
@@ -266,16 +266,6 @@ class Sender:
             import certifi
             self._ssl = ssl.create_default_context(cafile=certifi.where())
         return self._ssl
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop where it is installed (about a third less CPU per delivery
-    here), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _retry_after(value: Optional[str]) -> Optional[float]:
