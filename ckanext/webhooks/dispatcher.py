@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import sqlalchemy as sa
 
@@ -36,7 +36,7 @@ from . import guard, payload, signing
 from .delivery import Outcome, Sender
 from .ids import fingerprint
 from .interfaces import IWebhooks
-from .model import Webhook, WebhookEvent, utcnow
+from .model import WebhookEvent, utcnow
 
 log = logging.getLogger(__name__)
 # The channel the outbox trigger (migration 01) notifies and workers LISTEN on.
@@ -180,21 +180,32 @@ class _Job:
     outcome: Optional[Outcome] = None
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
     topic: str = ""
+    hook: Optional["_HookRow"] = None
+
+
+class _HookRow(NamedTuple):
+    """What a delivery needs of its hook, read with the claim."""
+    id: str
+    address: str
+    secret: Optional[str]
+    user_id: Optional[str]
 
 
 def claim(limit: int) -> list[_Job]:
+    """Lease up to ``limit`` due deliveries, with their hooks, in one statement."""
     session = model.Session
     rows = session.execute(sa.text("""
         UPDATE webhooks_delivery d
            SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1
           FROM (SELECT event_id, hook_id FROM webhooks_delivery
                  WHERE due <= now()
-                 ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED) c
-         WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id
-        RETURNING d.event_id, d.hook_id, d.attempts
+                 ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED) c, webhooks h
+         WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id AND h.id = d.hook_id
+        RETURNING d.event_id, d.hook_id, d.attempts, h.address, h.secret, h.user_id
     """), {"lease": lease_seconds(), "limit": limit}).all()
     session.commit()
-    return [_Job(r.event_id, r.hook_id, r.attempts) for r in rows]
+    return [_Job(r.event_id, r.hook_id, r.attempts,
+                 hook=_HookRow(r.hook_id, r.address, r.secret, r.user_id)) for r in rows]
 
 
 MAX_BATCHES_IN_FLIGHT = 4
@@ -232,9 +243,6 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
 def _prepare(jobs: list[_Job]) -> list[_Job]:
     """Decide, for each claimed job, whether and what to send; returns the sendable."""
     session = model.Session
-    hooks = {h.id: h for h in session.query(
-        Webhook.id, Webhook.address, Webhook.secret, Webhook.user_id
-    ).filter(Webhook.id.in_({j.hook_id for j in jobs}))}
     readers: dict = {}
     visible: dict = {}
     hosts: dict = {}
@@ -242,7 +250,7 @@ def _prepare(jobs: list[_Job]) -> list[_Job]:
     extensions = list(PluginImplementations(IWebhooks))
     sendable = []
     for job in jobs:
-        hook = hooks.get(job.hook_id)
+        hook = job.hook
         event, envelope = _envelope(job.event_id)
         if hook is None or event is None:
             job.drop = "gone"
