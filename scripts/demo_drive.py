@@ -67,6 +67,10 @@ def main():
         print("  ", line.strip())
     stats = anonymous.action.webhook_show(id=hooks["dataset/update"])["statistics"]
     print("4. webhook_show statistics:", json.dumps(stats))
+    print("5. The same in a browser:")
+    print(f"   {args.url}/dataset/{dataset['name']}  ('Get notified of changes')")
+    print(f"   {args.url}/webhooks/{hooks['dataset/update']}  (this hook: ping, delete)")
+    print(f"   {args.url}/ckan-admin/webhooks  (sysadmins: every hook, last 7 days)")
 
 
 if __name__ == "__main__":
