@@ -100,6 +100,8 @@ def _call(action: str, data: dict[str, Any]) -> Any:
 # Subscribe
 
 def _dataset_or_404(dataset_id: str) -> dict[str, Any]:
+    if "\x00" in dataset_id or len(dataset_id) > 200:  # no dataset has such an id
+        toolkit.abort(404, _("Dataset not found"))
     try:
         return toolkit.get_action("package_show")(_context(), {"id": dataset_id})
     except (toolkit.ObjectNotFound, toolkit.NotAuthorized):

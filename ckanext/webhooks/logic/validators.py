@@ -16,13 +16,17 @@ MAX_SECRET_LENGTH = 200
 
 
 def webhooks_string(key, data, errors, context) -> None:
-    """Only strings: a list, number or object where a string belongs is an
-    error, and the validators after this one never see such a value."""
+    """Only strings, and without NUL: a list, number or object where a string
+    belongs is an error, and the validators after this one never see it."""
     value = data.get(key)
-    if value is toolkit.missing or value is None or isinstance(value, str):
+    if value is toolkit.missing or value is None:
         return
-    errors[key].append(toolkit._("Must be a string"))
-    raise toolkit.StopOnError
+    if not isinstance(value, str):
+        errors[key].append(toolkit._("Must be a string"))
+        raise toolkit.StopOnError
+    if "\x00" in value:  # PostgreSQL text cannot hold it: refuse, never a 500
+        errors[key].append(toolkit._("Must not contain NUL characters"))
+        raise toolkit.StopOnError
 
 
 def webhooks_topic(value: Any) -> Any:

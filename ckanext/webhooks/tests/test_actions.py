@@ -165,7 +165,7 @@ class TestBadInput:
     @pytest.mark.parametrize("action", ["webhook_show", "webhook_delete"])
     @pytest.mark.parametrize("data,status", [
         ({}, 409), ({"id": ""}, 409), ({"id": ["x"]}, 409), ({"id": {"a": 1}}, 409),
-        ({"id": 7}, 409), ({"id": "x" * 5000}, 409),
+        ({"id": 7}, 409), ({"id": "x" * 5000}, 409), ({"id": "ab\x00cd"}, 409),
         ({"id": "no-such-hook"}, 404),
     ])
     def test_show_and_delete_refuse_bad_ids(self, app, action, data, status):

@@ -16,6 +16,12 @@ from .test_guard import REFUSED
 OK_ADDRESS = "http://127.0.0.2:9/cb"
 
 HOSTILE = [
+    # NUL, which PostgreSQL text cannot hold, in every string field
+    {"topic": "dataset/create\x00", "address": OK_ADDRESS},
+    {"topic": "dataset/create", "address": OK_ADDRESS, "dataset": "\x00"},
+    {"topic": "dataset/create", "address": OK_ADDRESS, "organization": "a\x00b"},
+    {"topic": "dataset/create", "address": OK_ADDRESS, "group": "\x00"},
+    {"topic": "dataset/create", "address": OK_ADDRESS, "secret": "whsec_\x00"},
     # types and shapes
     {"topic": ["dataset/create"], "address": OK_ADDRESS},
     {"topic": {"$ne": None}, "address": OK_ADDRESS},

@@ -310,3 +310,19 @@ def test_message_catalogue_is_current(tmp_path):
     committed = msgids(root / "ckanext" / "webhooks" / "i18n" / "ckanext-webhooks.pot")
     assert len(committed) > 80
     assert msgids(fresh) == committed
+
+
+@pytest.mark.usefixtures("clean_db", "with_plugins")
+@pytest.mark.parametrize("path", [
+    "/dataset/" + "x" * 3000 + "/webhooks/new",
+    "/dataset/%00/webhooks/new",
+    "/webhooks/%00",
+    "/webhooks/" + "%FF" * 50,
+    "/webhooks/..%2F..%2Fetc%2Fpasswd",
+    "/webhooks/x/delete",
+    "/ckan-admin/webhooks?page=99999999999999999999",
+    "/ckan-admin/webhooks?host=" + "h" * 5000,
+])
+def test_odd_urls_are_never_a_500(web, sysadmin_token, path):
+    page = web.get(path, headers={"Authorization": sysadmin_token["token"]})
+    assert page.status_code in (200, 400, 404), (path[:80], page.status_code)
