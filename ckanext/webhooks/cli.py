@@ -98,16 +98,11 @@ def stats():
               help="Failed attempts since this time (UTC), e.g. 2026-11-23T10:00:00.")
 def redeliver(since):
     """Queue again every event whose delivery failed since a time."""
-    import datetime as dt
-    from ckan import model
     from . import report
-    from .dispatcher import requeue, wake_workers
-    failed = report.failed_deliveries(since.replace(tzinfo=dt.timezone.utc))
+    from .dispatcher import requeue
+    failed = report.failed_deliveries(since)
     with click.progressbar(failed, label=f"Queueing {len(failed)} failed deliveries") as bar:
-        for hook_id, event_id in bar:
-            requeue(event_id, hook_id)
-    wake_workers()
-    model.Session.commit()
+        requeue(bar)
     click.echo(f"queued {len(failed)}")
 
 

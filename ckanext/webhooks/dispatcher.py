@@ -25,7 +25,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import sqlalchemy as sa
 
@@ -174,13 +174,13 @@ class _Job:
     event_id: str
     hook_id: str
     attempts: int
+    hook: "_HookRow"
     target: Optional[guard.Target] = None
     body: str = ""
     headers: Optional[dict] = None
     outcome: Optional[Outcome] = None
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
     topic: str = ""
-    hook: Optional["_HookRow"] = None
 
 
 class _HookRow(NamedTuple):
@@ -205,7 +205,7 @@ def claim(limit: int) -> list[_Job]:
     """), {"lease": lease_seconds(), "limit": limit}).all()
     session.commit()
     return [_Job(r.event_id, r.hook_id, r.attempts,
-                 hook=_HookRow(r.hook_id, r.address, r.secret, r.user_id)) for r in rows]
+                 _HookRow(r.hook_id, r.address, r.secret, r.user_id)) for r in rows]
 
 
 MAX_BATCHES_IN_FLIGHT = 4
@@ -252,7 +252,7 @@ def _prepare(jobs: list[_Job]) -> list[_Job]:
     for job in jobs:
         hook = job.hook
         event, envelope = _envelope(job.event_id)
-        if hook is None or event is None:
+        if event is None:
             job.drop = "gone"
             continue
         job.topic = event.topic
@@ -485,20 +485,18 @@ def _host(address: str) -> str:
 
 # --- sweeping and pruning -----------------------------------------------------
 
-def requeue(event_id: str, hook_id: str) -> None:
-    """Queue one (event, hook) delivery again, due now (in the caller's
-    transaction; call :func:`wake_workers` before committing)."""
-    model.Session.execute(sa.text("""
-        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-        VALUES (:event_id, :hook_id, 0, now())
-        ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
-    """), {"event_id": event_id, "hook_id": hook_id})
-
-
-def wake_workers() -> None:
-    """Have PostgreSQL notify the workers' listeners when this transaction commits."""
+def requeue(deliveries: Iterable[tuple[str, str]]) -> None:
+    """Queue each (hook id, event id) delivery again, due now, and commit;
+    PostgreSQL notifies the workers' listeners when the transaction commits."""
+    for hook_id, event_id in deliveries:
+        model.Session.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
+            VALUES (:event_id, :hook_id, 0, now())
+            ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
+        """), {"event_id": event_id, "hook_id": hook_id})
     model.Session.execute(sa.text("SELECT pg_notify(:channel, '')"),
                           {"channel": NOTIFY_CHANNEL})
+    model.Session.commit()
 
 
 def due_count(cap: int = 100000) -> int:

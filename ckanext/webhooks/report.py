@@ -90,8 +90,11 @@ def hourly_activity(days: int = 7) -> list[dict[str, Any]]:
 
 def failed_deliveries(since: dt.datetime, hook_id: Optional[str] = None
                       ) -> list[tuple[str, str]]:
-    """(hook id, event id) of every delivery that failed since a time and has
-    not succeeded since, whose event is still stored."""
+    """(hook id, event id) of every delivery that failed since a time (UTC
+    unless it says otherwise) and has not succeeded since, whose event is
+    still stored."""
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=dt.timezone.utc)
     return [tuple(row) for row in model.Session.execute(sa.text("""
         SELECT DISTINCT a.hook_id, a.event_id FROM webhooks_attempt a
           JOIN webhooks_event e ON e.id = a.event_id

@@ -82,6 +82,12 @@ def _private(response):
     return response
 
 
+def _error_text(error: toolkit.ValidationError) -> str:
+    """A validation error as one line, for an error page or a flash message."""
+    return "; ".join(f"{key}: {', '.join(map(str, messages))}"
+                     for key, messages in error.error_dict.items())
+
+
 def _call(action: str, data: dict[str, Any]) -> Any:
     """Run an action as the visitor; unknown hooks and refusals become CKAN's
     404 and 403 pages."""
@@ -215,8 +221,7 @@ def admin():
     except toolkit.NotAuthorized:
         toolkit.abort(403, _("Only sysadmins may see the webhooks dashboard"))
     except toolkit.ValidationError as error:
-        toolkit.abort(400, "; ".join(f"{k}: {', '.join(map(str, v))}"
-                                     for k, v in error.error_dict.items()))
+        toolkit.abort(400, _error_text(error))
     return toolkit.render("admin/webhooks.html", {
         "hooks": hooks[:PAGE_SIZE], "has_next": len(hooks) > PAGE_SIZE, "page": page,
         "query": query, "topics": all_topics(), "states": report.STATES,
@@ -239,8 +244,7 @@ def redeliver_failed():
     except toolkit.NotAuthorized:
         toolkit.abort(403, _("Only sysadmins may do this"))
     except toolkit.ValidationError as error:
-        toolkit.h.flash_error("; ".join(f"{k}: {', '.join(map(str, v))}"
-                                        for k, v in error.error_dict.items()))
+        toolkit.h.flash_error(_error_text(error))
     else:
         toolkit.h.flash_success(_("%d failed deliveries queued again") % result["queued"])
     return toolkit.redirect_to("webhooks.admin")

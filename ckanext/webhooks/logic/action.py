@@ -1,7 +1,6 @@
 """The webhook actions of the CKAN action API."""
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any
 
@@ -13,7 +12,7 @@ from ckan.plugins import toolkit
 
 from .. import guard, ids, payload, report, signing, verification
 from ..delivery import Outcome, web_sender
-from ..dispatcher import attempt_row, log_attempts, requeue, wake_workers
+from ..dispatcher import attempt_row, log_attempts, requeue
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
 
@@ -240,14 +239,8 @@ def webhook_redeliver_failed(context, data_dict):
     """
     toolkit.check_access("webhook_redeliver_failed", context, data_dict)
     data = _validate(data_dict, schema.webhook_redeliver_failed_schema(), context)
-    since = data["since"]
-    if since.tzinfo is None:
-        since = since.replace(tzinfo=dt.timezone.utc)
-    failed = report.failed_deliveries(since, data.get("id"))
-    for hook_id, event_id in failed:
-        requeue(event_id, hook_id)
-    wake_workers()
-    model.Session.commit()
+    failed = report.failed_deliveries(data["since"], data.get("id"))
+    requeue(failed)
     return {"queued": len(failed)}
 
 
@@ -331,9 +324,7 @@ def webhook_redeliver(context, data_dict):
     event = model.Session.get(WebhookEvent, data["event_id"])
     if not was_sent or event is None or event.data is None:
         raise toolkit.ObjectNotFound("No such past delivery for this webhook")
-    requeue(event.id, hook.id)
-    wake_workers()
-    model.Session.commit()
+    requeue([(hook.id, event.id)])
 
 
 class _Ping:
