@@ -2,9 +2,9 @@
 change a dataset as an editor, and show the deliveries the receiver printed."""
 import argparse
 import json
-import os
 import time
 import uuid
+from urllib.parse import urlsplit
 
 import ckanapi
 
@@ -32,16 +32,14 @@ def main():
     args = parser.parse_args()
 
     anonymous = ckanapi.RemoteCKAN(args.url)
-    # Hooks of an earlier demo run would receive the same events (same event
-    # ids, so the receiver would drop ours as duplicates): delete them first.
-    state = os.path.join(os.path.dirname(args.receiver_log), "hooks.json")
-    if os.path.exists(state):
-        for old in json.load(open(state)):
-            try:
-                anonymous.action.webhook_delete(id=old)
-            except ckanapi.NotFound:
-                pass
-    editor = ckanapi.RemoteCKAN(args.url, apikey=args.token)
+    editor = ckanapi.RemoteCKAN(args.url, apikey=args.token)  # a sysadmin's token
+    # Hooks left in the demo database by an earlier run (of this checkout or
+    # another) would receive the same events with the same event ids, and the
+    # receiver would drop ours as duplicates: delete every hook on its host.
+    receiver_host = urlsplit(args.receiver).hostname
+    while old := editor.action.webhook_list(host=receiver_host, limit=1000):
+        for hook in old:
+            editor.action.webhook_delete(id=hook["id"])
     run = uuid.uuid4().hex[:6]
 
     print("1. An anonymous consumer subscribes (ckanapi, no API token):")
@@ -50,7 +48,6 @@ def main():
         address = f"{args.receiver}/{topic}/{run}"
         hooks[topic] = anonymous.action.webhook_create(topic=topic, address=address)
         print(f"   webhook_create(topic={topic!r}, address={address!r})")
-    json.dump(list(hooks.values()), open(state, "w"))
     shown = anonymous.action.webhook_show(id=hooks["dataset/update"])
     print("   webhook_show ->", json.dumps({k: shown[k] for k in ("topic", "address", "created")}))
 
