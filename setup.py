@@ -16,7 +16,7 @@ setup(
         "celery>=5.5,<6",
         "kombu>=5.5,<6",
         "standardwebhooks>=1.0.1,<2",
-        "h11>=0.16,<1",
+        "httptools>=0.6,<1",
     ],
     entry_points={
         "ckan.plugins": [

@@ -35,6 +35,7 @@ def main() -> None:
     fanout = run("fanout.py", "--curve", "100,1000,10000" if quick else "100,1000,10000,100000")
     latency = run("latency.py", "--events", "200")
     poll = run("push_vs_poll.py", "--updates", "6" if quick else "12")
+    sender = run("sender_cpu.py", "--requests", "20000" if quick else "40000")
 
     stdlib = fanout["receivers"]["stdlib"]
     rows = []
@@ -54,6 +55,7 @@ def main() -> None:
          latency["latency_ms"]["p99"] <= 100),
         ("worker RSS peak across the curve (MB)",
          max(r["worker_rss_mb_peak"] for r in stdlib["runs"]), "bounded", None),
+        ("sender CPU per request / wrk's", sender["cpu_ratio_to_wrk"], "(reported)", None),
         ("poll / push bytes", round(poll["poll"]["bytes"] / poll["push"]["bytes"], 1), "", None),
         ("poll / push mean delay", round(poll["poll"]["mean_delay_s"] /
                                          poll["push"]["mean_delay_s"], 1), "", None),

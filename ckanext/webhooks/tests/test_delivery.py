@@ -204,3 +204,97 @@ def test_request_carries_host_header_of_the_name_not_the_ip(server):
     head = seen[0].split(b"\r\n\r\n")[0].decode()
     assert head.startswith("POST /cb?x=1 HTTP/1.1")
     assert f"Host: receiver.test:{srv.port}" in head
+
+
+def _answer_with(raw: bytes):
+    def behaviour(conn):
+        while _read_request(conn):
+            conn.sendall(raw)
+    return behaviour
+
+
+def test_interim_100_continue_is_skipped_and_the_connection_kept(server):
+    srv = server(_answer_with(b"HTTP/1.1 100 Continue\r\n\r\n"
+                              b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"))
+    sender = Sender(total_timeout=5)
+    outcomes = [_post(sender, srv.url()) for _ in range(3)]
+    assert [(o.status, o.body) for o in outcomes] == [(202, b"ok")] * 3
+    assert srv.connections == 1
+
+
+def test_chunked_answer_is_read(server):
+    srv = server(_answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
+    sender = Sender(total_timeout=5)
+    outcomes = [_post(sender, srv.url()) for _ in range(2)]
+    assert [(o.status, o.body) for o in outcomes] == [(200, b"abcde")] * 2
+    assert srv.connections == 1
+
+
+def test_answer_ended_by_closing_the_connection(server):
+    def http10(conn):
+        _read_request(conn)
+        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nthe whole body")
+    srv = server(http10)
+    sender = Sender(total_timeout=5)
+    first, second = _post(sender, srv.url()), _post(sender, srv.url())
+    assert (first.status, first.body) == (200, b"the whole body") == (second.status,
+                                                                     second.body)
+    assert srv.connections == 2  # never reused
+
+
+def test_connection_close_answer_is_not_reused(server):
+    srv = server(_answer_with(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                              b"Content-Length: 0\r\n\r\n"))
+    sender = Sender(total_timeout=5)
+    assert all(_post(sender, srv.url()).ok for _ in range(3))
+    assert srv.connections == 3
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 40000 + b"\r\n\r\n",  # endless head
+    b"SMTP ready\r\n\r\n",                                         # not HTTP
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",  # smuggling
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+], ids=["huge-head", "not-http", "two-lengths", "upgrade"])
+def test_broken_answers_fail_the_attempt_and_drop_the_connection(server, raw):
+    srv = server(_answer_with(raw))
+    sender = Sender(total_timeout=5)
+    started = time.monotonic()
+    first, second = _post(sender, srv.url()), _post(sender, srv.url())
+    assert (first.status, first.error) == (None, "connection_error") == (second.status,
+                                                                         second.error)
+    assert time.monotonic() - started < 3
+    assert srv.connections == 2
+
+
+def test_a_second_unasked_answer_drops_the_connection(server):
+    srv = server(_answer_with(b"HTTP/1.1 204 No Content\r\n\r\n"
+                              b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"))
+    sender = Sender(total_timeout=5)
+    first, second = _post(sender, srv.url()), _post(sender, srv.url())
+    # Whichever way the bytes arrive, no answer is taken for the wrong request.
+    assert first.status in (204, None) and second.status in (204, None)
+    assert 200 not in (first.status, second.status)
+    assert srv.connections == 2
+
+
+def test_non_ascii_path_is_percent_encoded(server):
+    seen = []
+
+    def record(conn):
+        seen.append(_read_request(conn))
+        conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    srv = server(record)
+    assert _post(Sender(total_timeout=5), srv.url("/hook/café?q=ü&x=%41")).status == 204
+    assert seen[0].startswith(b"POST /hook/caf%C3%A9?q=%C3%BC&x=%41 HTTP/1.1\r\n")
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Evil": "a\r\nX-Injected: 1"}, {"X-Evil": "a\nb"}, {"Bad Name": "x"}, {"X-Nul": "\x00"},
+], ids=["crlf", "lf", "space-in-name", "nul"])
+def test_header_injection_is_never_sent(server, headers):
+    srv = server(_ok_keepalive)
+    outcome = Sender(total_timeout=5).post(guard.resolve(srv.url(), ALLOWED), b"{}", headers)
+    assert (outcome.status, outcome.error) == (None, "invalid_request")
+    assert srv.connections == 0
