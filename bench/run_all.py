@@ -27,10 +27,11 @@ def run(script: str, *args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
-                        help="smaller runs (100 calls, 10,000 hooks at most)")
+                        help="smaller runs (200 calls in 2 rounds, 10,000 hooks at most)")
     args = parser.parse_args()
     quick = args.quick
-    write = run("write_overhead.py", "--calls", "100" if quick else "300",
+    write = run("write_overhead.py", "--calls", "200" if quick else "1000",
+                "--rounds", "2" if quick else "4",
                 "--sizes", "10000" if quick else "10000,100000")
     fanout = run("fanout.py", "--curve", "100,1000,10000" if quick else "100,1000,10000,100000")
     latency = run("latency.py", "--events", "200")

@@ -2,14 +2,21 @@
 the extension enabled and N hooks registered (half subscribed to
 dataset/update), against the same CKAN with the extension disabled. Both
 servers run side by side on the same database and the calls alternate
-between them, so noise hits both alike. No worker runs: the write path is
-what is measured (deliveries are not).
+between them (which goes first alternates too), so noise hits both alike. No
+worker runs: the write path is what is measured (deliveries are not).
 
-    python bench/write_overhead.py [--calls 300] [--sizes 10000,100000]
+The calls are split over several rounds, each with both servers started
+afresh: a process can be a few per cent faster or slower than its twin for
+reasons of its own (hash seeds, memory layout, which core it lands on), and
+on this machine that bias, not the extension, decided single runs.
+
+    python bench/write_overhead.py [--calls 1000] [--rounds 4] [--sizes 10000,100000]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import time
 import uuid
 
@@ -32,9 +39,25 @@ def measure(clients: dict, dataset_id: str, calls: int) -> dict[str, list[float]
     return times
 
 
+@contextlib.contextmanager
+def servers(with_ini, without_ini):
+    """Both CKAN servers, started afresh; stopped afterwards."""
+    started = []
+    try:
+        started.append(processes.start_ckan(with_ini, WITH_PORT))
+        started.append(processes.start_ckan(without_ini, WITHOUT_PORT))
+        token = sysadmin_token()
+        yield {name: ckanapi.RemoteCKAN(f"http://127.0.0.1:{port}", apikey=token)
+               for name, port in (("with", WITH_PORT), ("without", WITHOUT_PORT))}
+    finally:
+        for server in started:
+            server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sizes", default="10000,100000")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
@@ -44,20 +67,14 @@ def main() -> None:
     without_ini = ini_with({"ckan.site_url": f"http://127.0.0.1:{WITHOUT_PORT}",
                             "ckan.plugins": ""})
     solr = processes.start_solr_standin()
-    servers = [processes.start_ckan(with_ini, WITH_PORT),
-               processes.start_ckan(without_ini, WITHOUT_PORT)]
     rows, results = [], []
     try:
-        token = sysadmin_token()
-        clients = {"with": ckanapi.RemoteCKAN(f"http://127.0.0.1:{WITH_PORT}", apikey=token),
-                   "without": ckanapi.RemoteCKAN(f"http://127.0.0.1:{WITHOUT_PORT}",
-                                                 apikey=token)}
-        admin = clients["with"]
-        org = admin.action.organization_create(name=f"bench-{uuid.uuid4().hex[:8]}")
-        dataset = admin.action.package_create(
-            name=f"bench-{uuid.uuid4().hex[:8]}", owner_org=org["id"], notes="x" * 500,
-            resources=[{"url": f"http://data.invalid/{n}.csv"} for n in range(3)])
-        measure(clients, dataset["id"], 20)  # warm up both servers
+        with servers(with_ini, without_ini) as clients:
+            admin = clients["with"]
+            org = admin.action.organization_create(name=f"bench-{uuid.uuid4().hex[:8]}")
+            dataset = admin.action.package_create(
+                name=f"bench-{uuid.uuid4().hex[:8]}", owner_org=org["id"], notes="x" * 500,
+                resources=[{"url": f"http://data.invalid/{n}.csv"} for n in range(3)])
         done = 0
         for size in sizes:
             half = size // 2
@@ -66,26 +83,40 @@ def main() -> None:
             insert_hooks(half - done // 2, "resource/update",
                          "http://127.0.0.2:9/r/", start=done // 2)
             done = size
-            times = measure(clients, dataset["id"], args.calls)
+            times: dict[str, list[float]] = {"with": [], "without": []}
+            round_ratios = []
+            for _ in range(args.rounds):
+                with servers(with_ini, without_ini) as clients:
+                    measure(clients, dataset["id"], 20)  # warm up both servers
+                    this = measure(clients, dataset["id"], args.calls // args.rounds)
+                round_ratios.append(round(statistics.median(this["with"])
+                                          / statistics.median(this["without"]), 3))
+                for name in times:
+                    times[name] += this[name]
             with_s, without_s = summary(times["with"]), summary(times["without"])
             ratio = with_s["median"] / without_s["median"]
-            result = {"hooks": size, "calls": args.calls, "with_ms": with_s,
-                      "without_ms": without_s, "median_ratio": round(ratio, 3),
-                      "p95_ratio": round(with_s["p95"] / without_s["p95"], 3)}
+            paired = statistics.median(a - b for a, b in zip(times["with"], times["without"]))
+            result = {"hooks": size, "calls": len(times["with"]), "rounds": args.rounds,
+                      "with_ms": with_s, "without_ms": without_s,
+                      "median_ratio": round(ratio, 3),
+                      "p95_ratio": round(with_s["p95"] / without_s["p95"], 3),
+                      "round_ratios": round_ratios,
+                      "paired_difference_ms_median": round(paired, 2)}
             results.append(result)
-            rows.append((size, args.calls, f"{without_s['median']:.1f}", f"{with_s['median']:.1f}",
-                         f"{ratio:.3f}", f"{without_s['p95']:.1f}", f"{with_s['p95']:.1f}"))
+            rows.append((size, len(times["with"]), f"{without_s['median']:.1f}",
+                         f"{with_s['median']:.1f}", f"{ratio:.3f}",
+                         " ".join(f"{r:.3f}" for r in round_ratios), f"{paired:+.2f}",
+                         f"{without_s['p95']:.1f}", f"{with_s['p95']:.1f}"))
             print(rows[-1], flush=True)
     finally:
-        for server in servers:
-            server.stop()
         if solr:
             solr.stop()
         with_ini.unlink()
         without_ini.unlink()
     print()
     print(table(rows, ("hooks", "calls", "median without (ms)", "median with (ms)",
-                       "ratio (target <= 1.05)", "p95 without", "p95 with")))
+                       "ratio (target <= 1.05)", "ratio per round", "paired diff (ms)",
+                       "p95 without", "p95 with")))
     print(f"results: {write_result('write_overhead', {'runs': results})}")
 
 
