@@ -28,10 +28,15 @@ PRUNE = "ckanext.webhooks.prune"
 
 
 class CKANTask(Task):
-    """Runs each task inside a CKAN request context, with a fresh DB session."""
+    """Runs each task inside a CKAN request context, with a fresh DB session.
+
+    The session keeps one connection for the whole task: a task commits several
+    times, and every checkout from CKAN's pool costs a ping round trip.
+    """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _flask_app().test_request_context():
+        with _flask_app().test_request_context(), model.meta.engine.connect() as connection:
+            model.Session(bind=connection)
             try:
                 return super().__call__(*args, **kwargs)
             finally:

@@ -107,13 +107,11 @@ def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
     the same transaction.
     """
     session = model.Session
-    event_ids = session.execute(sa.text("""
-        SELECT id FROM webhooks_event WHERE fanned_out IS NULL
-         ORDER BY created LIMIT :limit FOR UPDATE SKIP LOCKED
-    """), {"limit": limit}).scalars().all()
+    events = session.scalars(
+        sa.select(WebhookEvent).where(WebhookEvent.fanned_out.is_(None))
+        .order_by(WebhookEvent.created).limit(limit).with_for_update(skip_locked=True)).all()
     queued = 0
-    for event_id in event_ids:
-        event = session.get(WebhookEvent, event_id)
+    for event in events:
         # The entity's API view, taken now, right after the commit, and kept:
         # every delivery and retry of this event sends exactly this. (Events of
         # a plugin's own topic came with their data.)
@@ -122,32 +120,26 @@ def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
         event.fanned_out = utcnow()
         session.flush()
         known = (event.snapshot or {}).get("_package") or {}
+        # Hooks filtered by group hear of the dataset's groups as they are now.
         result = session.execute(sa.text("""
             INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
             SELECT :event_id, id, 0, now() FROM webhooks
              WHERE topic = :topic
                AND (dataset_id IS NULL OR dataset_id = :package_id)
                AND (organization_id IS NULL OR organization_id = :owner_org)
-               AND (group_id IS NULL OR group_id = ANY(:groups))
+               AND (group_id IS NULL OR group_id IN (
+                    SELECT group_id FROM member
+                     WHERE table_name = 'package' AND table_id = :package_id
+                       AND state = 'active'))
             ON CONFLICT DO NOTHING
-        """), {"event_id": event_id, "topic": event.topic, "package_id": event.package_id,
-               "owner_org": known.get("owner_org"), "groups": _groups_of(event.package_id)})
+        """), {"event_id": event.id, "topic": event.topic, "package_id": event.package_id,
+               "owner_org": known.get("owner_org")})
         queued += result.rowcount
         _remember_envelope(event)
-        log.debug("event %s (%s) fanned out to %d hook(s)", event_id, event.topic,
+        log.debug("event %s (%s) fanned out to %d hook(s)", event.id, event.topic,
                   result.rowcount)
     session.commit()
-    return len(event_ids), queued
-
-
-def _groups_of(package_id: Optional[str]) -> list[str]:
-    """The groups a dataset is in now (for hooks filtered by group)."""
-    if not package_id:
-        return []
-    return list(model.Session.execute(sa.text("""
-        SELECT group_id FROM member
-         WHERE table_name = 'package' AND table_id = :id AND state = 'active'
-    """), {"id": package_id}).scalars())
+    return len(events), queued
 
 
 def pending_events(min_age: float) -> bool:

@@ -23,9 +23,14 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = "1"
 
 
+_site_user_name: Optional[str] = None
+
+
 def _site_context() -> dict[str, Any]:
-    site_user = toolkit.get_action("get_site_user")({"ignore_auth": True}, {})
-    return {"user": site_user["name"], "ignore_auth": True, "use_cache": False}
+    global _site_user_name
+    if _site_user_name is None:  # it is named after ckan.site_id: it never changes
+        _site_user_name = toolkit.get_action("get_site_user")({"ignore_auth": True}, {})["name"]
+    return {"user": _site_user_name, "ignore_auth": True, "use_cache": False}
 
 
 def entity_data(event) -> dict[str, Any]:
