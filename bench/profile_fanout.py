@@ -20,18 +20,10 @@ from pathlib import Path
 
 import ckanapi
 
-from benchlib import (RECEIVER_HOST, bench_stack, insert_hooks, reset_webhooks, sysadmin_token,
+from benchlib import (RECEIVER_HOST, bench_stack, cpu_seconds, insert_hooks, reset_webhooks, sysadmin_token,
                       table, wait_count, write_result)
 
 WEB_PORT, RECEIVER_PORT = 15106, 18106
-
-
-def cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except FileNotFoundError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tree(pid: int) -> list[int]:

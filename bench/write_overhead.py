@@ -22,8 +22,8 @@ import uuid
 
 import ckanapi
 
-from benchlib import (ini_with, insert_hooks, processes, reset_webhooks, summary, sysadmin_token,
-                      table, write_result)
+from benchlib import (cpu_seconds, ini_with, insert_hooks, processes, reset_webhooks, summary,
+                      sysadmin_token, table, write_result)
 
 WITH_PORT, WITHOUT_PORT = 15101, 15102
 
@@ -47,8 +47,9 @@ def servers(with_ini, without_ini):
         started.append(processes.start_ckan(with_ini, WITH_PORT))
         started.append(processes.start_ckan(without_ini, WITHOUT_PORT))
         token = sysadmin_token()
-        yield {name: ckanapi.RemoteCKAN(f"http://127.0.0.1:{port}", apikey=token)
-               for name, port in (("with", WITH_PORT), ("without", WITHOUT_PORT))}
+        clients = {name: ckanapi.RemoteCKAN(f"http://127.0.0.1:{port}", apikey=token)
+                   for name, port in (("with", WITH_PORT), ("without", WITHOUT_PORT))}
+        yield clients, dict(zip(clients, (server.proc.pid for server in started)))
     finally:
         for server in started:
             server.stop()
@@ -69,7 +70,7 @@ def main() -> None:
     solr = processes.start_solr_standin()
     rows, results = [], []
     try:
-        with servers(with_ini, without_ini) as clients:
+        with servers(with_ini, without_ini) as (clients, _):
             admin = clients["with"]
             org = admin.action.organization_create(name=f"bench-{uuid.uuid4().hex[:8]}")
             dataset = admin.action.package_create(
@@ -84,11 +85,14 @@ def main() -> None:
                          "http://127.0.0.2:9/r/", start=done // 2)
             done = size
             times: dict[str, list[float]] = {"with": [], "without": []}
-            round_ratios = []
+            round_ratios, cpu = [], {"with": 0.0, "without": 0.0}
             for _ in range(args.rounds):
-                with servers(with_ini, without_ini) as clients:
+                with servers(with_ini, without_ini) as (clients, pids):
                     measure(clients, dataset["id"], 20)  # warm up both servers
+                    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                     this = measure(clients, dataset["id"], args.calls // args.rounds)
+                    for name, pid in pids.items():
+                        cpu[name] += cpu_seconds(pid) - before[name]
                 round_ratios.append(round(statistics.median(this["with"])
                                           / statistics.median(this["without"]), 3))
                 for name in times:
@@ -101,11 +105,16 @@ def main() -> None:
                       "median_ratio": round(ratio, 3),
                       "p95_ratio": round(with_s["p95"] / without_s["p95"], 3),
                       "round_ratios": round_ratios,
-                      "paired_difference_ms_median": round(paired, 2)}
+                      "paired_difference_ms_median": round(paired, 2),
+                      # CPU of each server process: steadier than latency on a busy machine.
+                      "server_cpu_ms_per_call": {
+                          name: round(used / len(times[name]) * 1000, 2)
+                          for name, used in cpu.items()}}
             results.append(result)
             rows.append((size, len(times["with"]), f"{without_s['median']:.1f}",
                          f"{with_s['median']:.1f}", f"{ratio:.3f}",
                          " ".join(f"{r:.3f}" for r in round_ratios), f"{paired:+.2f}",
+                         "{with} / {without}".format(**result["server_cpu_ms_per_call"]),
                          f"{without_s['p95']:.1f}", f"{with_s['p95']:.1f}"))
             print(rows[-1], flush=True)
     finally:
@@ -116,6 +125,7 @@ def main() -> None:
     print()
     print(table(rows, ("hooks", "calls", "median without (ms)", "median with (ms)",
                        "ratio (target <= 1.05)", "ratio per round", "paired diff (ms)",
+                       "server CPU ms/call with / without",
                        "p95 without", "p95 with")))
     print(f"results: {write_result('write_overhead', {'runs': results})}")
 
