@@ -180,7 +180,7 @@ class _Connection(asyncio.Protocol):
             self._reset()  # 100 Continue and friends: the real answer follows
             return
         if not self.waiter.done():
-            self.reusable = self.parser.should_keep_alive() and not self.capped
+            self.reusable = self.parser.should_keep_alive()  # _answer drops a capped one
             self._answer()
 
     # --- outcomes ------------------------------------------------------------------

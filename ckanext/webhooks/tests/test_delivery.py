@@ -69,9 +69,15 @@ def _read_request(conn) -> bytes:
     return data
 
 
-def _ok_keepalive(conn):
-    while _read_request(conn):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+def _answer_with(raw: bytes):
+    """A server behaviour: every request on a connection gets ``raw``."""
+    def behaviour(conn):
+        while _read_request(conn):
+            conn.sendall(raw)
+    return behaviour
+
+
+_ok_keepalive = _answer_with(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
 @pytest.fixture
@@ -206,28 +212,17 @@ def test_request_carries_host_header_of_the_name_not_the_ip(server):
     assert f"Host: receiver.test:{srv.port}" in head
 
 
-def _answer_with(raw: bytes):
-    def behaviour(conn):
-        while _read_request(conn):
-            conn.sendall(raw)
-    return behaviour
-
-
-def test_interim_100_continue_is_skipped_and_the_connection_kept(server):
-    srv = server(_answer_with(b"HTTP/1.1 100 Continue\r\n\r\n"
-                              b"HTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok"))
+@pytest.mark.parametrize("raw,answer", [
+    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 202 Accepted\r\nContent-Length: 2\r\n\r\nok",
+     (202, b"ok")),  # the interim answer is skipped
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+     (200, b"abcde")),
+], ids=["100-continue", "chunked"])
+def test_answer_is_read_and_the_connection_kept(server, raw, answer):
+    srv = server(_answer_with(raw))
     sender = Sender(total_timeout=5)
     outcomes = [_post(sender, srv.url()) for _ in range(3)]
-    assert [(o.status, o.body) for o in outcomes] == [(202, b"ok")] * 3
-    assert srv.connections == 1
-
-
-def test_chunked_answer_is_read(server):
-    srv = server(_answer_with(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                              b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"))
-    sender = Sender(total_timeout=5)
-    outcomes = [_post(sender, srv.url()) for _ in range(2)]
-    assert [(o.status, o.body) for o in outcomes] == [(200, b"abcde")] * 2
+    assert [(o.status, o.body) for o in outcomes] == [answer] * 3
     assert srv.connections == 1
 
 
