@@ -117,7 +117,7 @@ def only_my_workers():
 @pytest.fixture(scope="session")
 def live_ckan(webhooks_tables):
     proc = processes.start_ckan()
-    yield "http://127.0.0.1:15000"
+    yield toolkit.config["ckan.site_url"]
     proc.stop()
 
 

@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[3]
 # scripts/test names the ini of the CKAN version under test (test-2.11.ini on 2.11).
@@ -148,7 +149,11 @@ def start_worker(ini: Path = TEST_INI, concurrency: Optional[int] = 2, name: str
     return proc
 
 
-def start_ckan(ini: Path = TEST_INI, port: int = 15000) -> Process:
+def start_ckan(ini: Path = TEST_INI, port: Optional[int] = None) -> Process:
+    """``port``: by default that of the suite's ``ckan.site_url`` (a test slot has its own)."""
+    if port is None:
+        from ckan.plugins import toolkit
+        port = urlsplit(toolkit.config["ckan.site_url"]).port
     proc = Process("ckan", [str(BIN / "ckan"), "-c", str(ini), "run", "-H", "127.0.0.1",
                             "-p", str(port), "--disable-reloader"])
     _wait_or_stop(proc, port, 90)

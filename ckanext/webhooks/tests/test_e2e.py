@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from ckan import model
+from ckan.plugins import toolkit
 
 from . import processes
 
@@ -56,7 +57,7 @@ class TestDelivery:
         body = _validate(received)
         assert body["webhook_id"] == hook
         assert body["topic"] == "dataset/create"
-        assert body["site_url"] == "http://127.0.0.1:15000"
+        assert body["site_url"] == toolkit.config["ckan.site_url"]
         assert body["data"]["id"] == dataset["id"]
         assert body["data"]["name"] == dataset["name"]
         assert [r["url"] for r in body["data"]["resources"]] == ["http://a.test/x.csv"]
