@@ -23,6 +23,8 @@ setup(
             "webhooks = ckanext.webhooks.plugin:WebhooksPlugin",
             # Used by the test suite only: exercises the IWebhooks interface.
             "webhooks_test_plugin = ckanext.webhooks.tests.plugin:WebhooksTestPlugin",
+            # Used by the test suite only: every reader gets a view of its own.
+            "webhooks_test_audience = ckanext.webhooks.tests.audience_plugin:AudienceTestPlugin",
         ],
     },
     classifiers=[

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Keys of Session.info, our own per-transaction state.
 SEEN = "ckanext.webhooks.seen"            # {(kind, id)}: entities already decided
-OLD_STATE = "ckanext.webhooks.old_state"  # {id: state before this transaction}
+OLD_STATE = "ckanext.webhooks.old_state"  # {id: {state, ...} before this transaction}
+OLD_GROUPS = "ckanext.webhooks.old_groups"  # {package id: [group ids] before this transaction}
 
 ACTIVE, DELETED, DRAFT = "active", "deleted", "draft"
 
@@ -82,9 +83,18 @@ def _record(entity: Any, operation: Any) -> None:
 
     snapshot = _columns(entity)
     if package is not None:
-        snapshot["_package"] = {"private": bool(package.private),
-                                "owner_org": package.owner_org,
-                                "state": old_states.get(package.id, package.state)}
+        # The dataset as it was before this transaction and as it is after it:
+        # fan-out judges each reader's view of both, so that a change that
+        # hides or shows the dataset reaches each reader as a delete or a create.
+        purged = kind == "dataset" and operation == model.DomainObjectOperation.deleted
+        new = kind == "dataset" and operation == model.DomainObjectOperation.new
+        before = None if new else dict(old_states.get(package.id) or _visibility(package))
+        groups_before = session.info.get(OLD_GROUPS, {}).get(package.id)
+        if before is not None and groups_before is not None:
+            before["groups"] = groups_before
+        snapshot["_before"] = before
+        snapshot["_after"] = {**_visibility(package), "state": "purged"} if purged \
+            else _visibility(package)
     _insert_in_savepoint(session, topic, entity.id,
                          entity.id if kind == "dataset" else entity.package_id,
                          snapshot=snapshot, data=None)
@@ -126,6 +136,42 @@ def _insert_in_savepoint(session, topic: str, object_id: str, package_id: Option
     return row["id"]
 
 
+def record_bulk_change(dataset_ids: list[str], org_id: Optional[str],
+                       change: dict[str, Any]) -> None:
+    """Events for an organization's bulk update written by one SQL ``UPDATE``
+    that ``IDomainObjectModification`` never sees (CKAN 2.11's
+    ``bulk_update_*``): call it before the update, in its transaction."""
+    session = model.Session()
+    rows = session.execute(sa.select(
+        model.Package.id, model.Package.name, model.Package.state, model.Package.private,
+        model.Package.owner_org).where(model.Package.id.in_(dataset_ids or []),
+                                       model.Package.owner_org == org_id)).all()
+    for row in rows:
+        before = {"state": row.state, "private": bool(row.private),
+                  "owner_org": row.owner_org, "name": row.name}
+        after = {**before, **change}
+        if after == before:
+            continue
+        change_kind = _transition(before["state"], after["state"],
+                                  model.DomainObjectOperation.changed)
+        if change_kind is None:
+            continue
+        _insert_in_savepoint(session, f"dataset/{change_kind}", row.id, row.id,
+                             snapshot={"id": row.id, "name": row.name,
+                                       "_before": before, "_after": after}, data=None)
+
+
+def _visibility(package) -> dict[str, Any]:
+    """What decides who may read a dataset, and its name (what a reader who
+    loses sight of it is told)."""
+    return {"state": package.state, "private": bool(package.private),
+            "owner_org": package.owner_org, "name": package.name}
+
+
+def _old_state(old_states, entity) -> Optional[str]:
+    return (old_states.get(entity.id) or {}).get("state", entity.state)
+
+
 def _transition(old: Optional[str], new: Optional[str], operation: str
                 ) -> Optional[str]:
     """'create', 'update', 'delete' or None for an entity's state change."""
@@ -141,8 +187,7 @@ def _transition(old: Optional[str], new: Optional[str], operation: str
 
 
 def _dataset_topic(package, operation, old_states) -> Optional[str]:
-    change = _transition(old_states.get(package.id, package.state),
-                         package.state, operation)
+    change = _transition(_old_state(old_states, package), package.state, operation)
     return f"dataset/{change}" if change else None
 
 
@@ -152,9 +197,8 @@ def _resource_topic(resource, operation, old_states, session) -> Optional[str]:
         # Drafts send nothing; a purged or deleted dataset's resources go with
         # its own dataset/delete event.
         return None
-    change = _transition(old_states.get(resource.id, resource.state),
-                         resource.state, operation)
-    if change == "create" and old_states.get(package.id, ACTIVE) != ACTIVE:
+    change = _transition(_old_state(old_states, resource), resource.state, operation)
+    if change == "create" and (old_states.get(package.id) or {}).get("state", ACTIVE) != ACTIVE:
         return None  # a draft dataset becoming active: its dataset/create covers it
     return f"resource/{change}" if change else None
 
@@ -175,20 +219,38 @@ def _columns(entity: Any) -> dict[str, Any]:
 # --- SQLAlchemy listeners --------------------------------------------------
 
 def _remember_old_states(session, flush_context, instances) -> None:
-    """Keep the state each package/resource had when the transaction began."""
+    """Keep what each package/resource was when the transaction began (its
+    state; a package's visibility and name; a package's groups when its
+    memberships change)."""
     old_states = session.info.setdefault(OLD_STATE, {})
     for obj in session.dirty:
-        if isinstance(obj, (model.Package, model.Resource)) and obj.id not in old_states:
-            history = sa.inspect(obj).attrs.state.history
-            before = history.deleted or history.unchanged
-            if before:
-                old_states[obj.id] = before[0]
+        if obj.__class__ is model.Package and obj.id not in old_states:
+            old_states[obj.id] = {key: _value_before(obj, key)
+                                  for key in ("state", "private", "owner_org", "name")}
+            old_states[obj.id]["private"] = bool(old_states[obj.id]["private"])
+        elif obj.__class__ is model.Resource and obj.id not in old_states:
+            old_states[obj.id] = {"state": _value_before(obj, "state")}
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        if obj.__class__ is model.Member and obj.table_name == "package" and obj.table_id:
+            groups = session.info.setdefault(OLD_GROUPS, {})
+            if obj.table_id not in groups:  # before this flush writes the change
+                groups[obj.table_id] = list(session.connection().execute(sa.text(
+                    "SELECT group_id FROM member WHERE table_name = 'package' "
+                    "AND table_id = :id AND state = 'active'"), {"id": obj.table_id}
+                ).scalars())
+
+
+def _value_before(obj, key: str) -> Any:
+    history = sa.inspect(obj).attrs[key].history
+    before = history.deleted or history.unchanged
+    return before[0] if before else getattr(obj, key)
 
 
 def _forget(session, *args) -> None:
     """CKAN deletes its _object_cache at the end of a transaction; so do we."""
     session.info.pop(SEEN, None)
     session.info.pop(OLD_STATE, None)
+    session.info.pop(OLD_GROUPS, None)
 
 
 _installed = False

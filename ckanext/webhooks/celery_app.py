@@ -119,6 +119,23 @@ def _fresh_connections(**_: Any) -> None:
     model.meta.engine.dispose(close=False)
 
 
+@signals.worker_process_init.connect
+def _pool_process(**_: Any) -> None:
+    """In a pool process, a drain under way defers SIGTERM until its requests
+    are finished and recorded (see :func:`dispatcher.drain`)."""
+    from . import dispatcher
+    dispatcher.in_pool_process()
+
+
+@signals.worker_shutting_down.connect
+def _stop_claiming(how: str = "Warm", **_: Any) -> None:
+    """Runs in the worker's main process (in its signal handler) when it is
+    asked to stop: every process of the worker stops claiming deliveries and
+    records those on the wire before its task returns."""
+    from . import dispatcher
+    dispatcher.worker_stopping(cold=how != "Warm")
+
+
 @signals.worker_ready.connect
 def _announce_ready(**_: Any) -> None:
     log.info("ckanext-webhooks worker ready, consuming %s", queue_name())

@@ -115,7 +115,7 @@ def export_hooks(output):
     from .model import Webhook
     hooks = [{"id": h.id, "topic": h.topic, "address": h.address, "secret": h.secret,
               "dataset": h.dataset_id, "organization": h.organization_id, "group": h.group_id,
-              "user_id": h.user_id, "created": h.created.isoformat()}
+              "user_id": h.user_id, "token_id": h.token_id, "created": h.created.isoformat()}
              for h in model.Session.query(Webhook).order_by(Webhook.created)]
     json.dump(hooks, output, indent=2)
     output.write("\n")
@@ -148,7 +148,8 @@ def import_hooks(source, verify):
                 id=item["id"], topic=item["topic"], address=item["address"],
                 host=target.host, secret=webhooks_secret(item.get("secret")),
                 dataset_id=item.get("dataset"), organization_id=item.get("organization"),
-                group_id=item.get("group"), user_id=item.get("user_id"), created=utcnow()))
+                group_id=item.get("group"), user_id=item.get("user_id"),
+                token_id=item.get("token_id"), created=utcnow()))
             model.Session.commit()
             imported += 1
         except Exception as error:  # noqa: BLE001 - report and go on with the others

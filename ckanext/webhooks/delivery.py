@@ -9,11 +9,20 @@ is written in one piece from parts already checked (the address by
 the same sender loop as ``bench/sender_cpu.py``: 62–79 µs of CPU per request,
 against 138–169 µs for h11 over asyncio streams, which this replaced.
 
-* The connection goes to an address :mod:`guard` checked, never to the name
-  (the Host header and TLS SNI/verification still use the name).
+* Each attempt resolves the hook's address (:class:`guard.Resolver`: off the
+  loop, cached a few seconds, its own timeout) and connects to an address
+  :mod:`guard` checked, never to the name (the Host header and TLS
+  SNI/verification still use the name). A name that does not resolve is a
+  ``dns_error`` (retried), one that resolves to a refused address a
+  ``refused_address``.
+* The Standard Webhooks headers are made (:mod:`signing`) right before the
+  request is written: ``webhook-timestamp`` is the time it leaves.
 * Redirects are not followed: a 3xx is a failed attempt.
-* ``connect_timeout`` bounds the TCP/TLS connect; ``total_timeout`` bounds the
-  whole attempt, however the receiver trickles its answer.
+* ``total_timeout`` bounds the whole attempt from the moment it is submitted:
+  resolving, waiting for a slot (see :class:`_Gates`), connecting (also
+  bounded by ``connect_timeout``), sending and reading, however the receiver
+  trickles its answer. An attempt that never got a slot ends as ``timeout``
+  without being sent.
 * At most ``max_bytes`` of the answer's body and ``MAX_HEAD_BYTES`` of its head
   are read; a longer answer's connection is closed rather than drained.
 """
@@ -23,6 +32,7 @@ import asyncio
 import collections
 import concurrent.futures
 import email.utils
+import logging
 import re
 import ssl
 import threading
@@ -33,7 +43,9 @@ from urllib.parse import quote
 
 import httptools
 
-from . import guard
+from . import guard, signing
+
+log = logging.getLogger(__name__)
 
 MAX_IDLE_PER_HOST = 64
 MAX_POOLS = 1000
@@ -201,24 +213,305 @@ class _Connection(asyncio.Protocol):
             self.waiter.set_exception(_Failed(kind))
 
 
-def _request_head(target: guard.Target, length: int, headers: dict[str, str]) -> bytes:
+def _request_head(target: guard.Target, length: int, headers: Optional[dict[str, str]],
+                  event_id: Optional[str] = None) -> bytes:
+    """The request line and the headers known before sending, checked; the
+    signing headers (if any) and the blank line are added at write time."""
     path = target.path if target.path.isascii() else quote(
         target.path, safe="!#$%&'()*+,/:;=?@[]~")
     fields = [("Host", target.host_header), ("Content-Length", str(length)),
-              ("Connection", "keep-alive"), *headers.items()]
+              ("Connection", "keep-alive"), *(headers or {}).items()]
     if not _TARGET_OK.fullmatch(path) or not all(
-            _NAME_OK.fullmatch(name) and _VALUE_OK.fullmatch(value) for name, value in fields):
+            _NAME_OK.fullmatch(name) and _VALUE_OK.fullmatch(value) for name, value in fields) \
+            or (event_id is not None and not _VALUE_OK.fullmatch(event_id)):
         raise _Failed("invalid_request")  # never sent: it would split the request
     return (f"POST {path} HTTP/1.1\r\n"
-            + "".join(f"{name}: {value}\r\n" for name, value in fields)
-            + "\r\n").encode("ascii")
+            + "".join(f"{name}: {value}\r\n" for name, value in fields)).encode("ascii")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request to send.
+
+    ``address``: a hook's address (the sender parses, resolves and checks it
+    at the attempt, see :mod:`guard`) or a :class:`guard.Target` checked
+    already. With ``event_id``, the sender adds the Standard Webhooks headers
+    (``webhook-id``, ``webhook-timestamp``, and ``webhook-signature`` when
+    there are ``secrets``), made right before the request is written.
+    ``headers``: further headers (all of them, without ``event_id``).
+    """
+    address: "str | guard.Target"
+    body: bytes
+    event_id: Optional[str] = None
+    secrets: tuple[str, ...] = ()
+    headers: Optional[dict[str, str]] = None
+
+
+def _as_request(item) -> Request:
+    if isinstance(item, Request):
+        return item
+    target, body, headers = item  # the (target, body, headers) form of earlier versions
+    return Request(target, body, headers=headers)
+
+
+# --- who may send when: the healthy pool and the slow lane ----------------------
+
+FAST, NEW, SLOW = "fast", "new", "slow"
+_NETWORK_FAILURES = frozenset({"timeout", "connect_error", "connection_error", "tls_error"})
+FAST_MEMORY = 86400.0  # how long a receiver that answered quickly counts as proven
+MAX_HOSTS = 10000      # receivers whose health is remembered (least recently used go)
+
+
+class _Host:
+    """A receiver (address and port): its health, its requests in flight and waiting."""
+    __slots__ = ("key", "name", "state", "until", "active", "slots", "waiters", "nwait",
+                 "wclass", "queued")
+
+    def __init__(self, key, name: str) -> None:
+        self.key, self.name = key, name
+        self.state: Optional[str] = None   # FAST or SLOW until ``until``; else NEW
+        self.until = 0.0
+        self.active = 0                    # slots held, in whichever lane
+        self.slots: set = set()
+        self.waiters: "collections.deque[asyncio.Future]" = collections.deque()
+        self.nwait = 0                     # waiters not cancelled
+        self.wclass: Optional[str] = None  # the class they are counted under
+        self.queued: Optional[str] = None  # the rotation the host is in
+
+
+class _Slot:
+    __slots__ = ("host", "lane", "timer", "granted")
+
+    def __init__(self, host: _Host, lane: str, granted: float) -> None:
+        self.host, self.lane, self.granted = host, lane, granted
+        self.timer: Optional[asyncio.TimerHandle] = None
+
+
+class _Gates:
+    """Who may send when (the policy is in the README, "Delivery").
+
+    Receivers are *fast* (answered within ``slow_after`` lately), *new*
+    (nothing known) or *slow* (timed out, failed to connect or answered late
+    within the last ``slow_seconds``). Fast and new ones share the healthy
+    pool (``capacity`` slots); new ones get at most three quarters of it and
+    ``probe`` slots each, and fast ones go first, so proven receivers are
+    never queued behind unknown ones. Slow ones never take a healthy slot:
+    they have the slow lane (``slow_capacity`` slots, ``slow_per_host``
+    each). A request still running ``slow_after`` seconds after it got a
+    healthy slot marks its receiver slow and moves, with the receiver's
+    other requests, to the slow lane, freeing the healthy slots. Waiting
+    receivers are served in turn (round robin), each receiver's requests in
+    order. Runs inside the sender's event loop only.
+    """
+
+    def __init__(self, capacity: int, per_host: int, slow_capacity: int, slow_per_host: int,
+                 slow_after: float, slow_seconds: float) -> None:
+        self.capacity = max(1, capacity)
+        self.new_capacity = max(1, self.capacity - self.capacity // 4)
+        self.per_host = max(1, per_host)
+        self.probe = min(2, self.per_host)
+        self.slow_capacity = max(1, slow_capacity)
+        self.slow_per_host = max(1, slow_per_host)
+        self.slow_after = slow_after
+        self.slow_seconds = slow_seconds
+        self.used = {FAST: 0, NEW: 0, SLOW: 0}
+        self.waiting = {FAST: 0, NEW: 0, SLOW: 0}
+        self.ready: dict[str, collections.deque] = {
+            FAST: collections.deque(), NEW: collections.deque(), SLOW: collections.deque()}
+        self.hosts: "collections.OrderedDict[tuple, _Host]" = collections.OrderedDict()
+        # Names of the receivers in the slow lane, for other threads (replaced, never changed).
+        self.slow_names: dict[str, float] = {}
+
+    # --- classes and limits -------------------------------------------------------
+
+    def _class(self, host: _Host, now: float) -> str:
+        if host.state is not None and host.until > now:
+            return host.state
+        host.state = None
+        return NEW
+
+    def _limit(self, cls: str) -> int:
+        return self.per_host if cls == FAST else self.probe if cls == NEW else self.slow_per_host
+
+    def _room(self, cls: str) -> bool:
+        if cls == SLOW:
+            return self.used[SLOW] < self.slow_capacity
+        healthy = self.used[FAST] + self.used[NEW]
+        return healthy < self.capacity and (cls == FAST or self.used[NEW] < self.new_capacity)
+
+    def _host(self, key, name: str) -> _Host:
+        host = self.hosts.get(key)
+        if host is None:
+            host = self.hosts[key] = _Host(key, name)
+            if len(self.hosts) > MAX_HOSTS:
+                for old in list(self.hosts.values())[: len(self.hosts) - MAX_HOSTS]:
+                    if not old.active and not old.waiters:
+                        del self.hosts[old.key]
+        else:
+            self.hosts.move_to_end(key)
+        return host
+
+    # --- acquiring and releasing --------------------------------------------------
+
+    async def acquire(self, key, name: str) -> _Slot:
+        loop = asyncio.get_running_loop()
+        host = self._host(key, name)
+        cls = self._class(host, loop.time())
+        if not host.waiters and not self.ready[cls] and host.active < self._limit(cls) \
+                and self._room(cls):
+            return self._grant(host, cls, loop)
+        waiter = loop.create_future()
+        host.waiters.append(waiter)
+        host.nwait += 1
+        if host.wclass is None:
+            host.wclass = cls
+        self.waiting[host.wclass] += 1
+        self._file(host, loop.time())
+        self._pump(loop)
+        try:
+            return await waiter
+        except asyncio.CancelledError:  # the attempt's deadline, while waiting
+            if waiter.cancelled():
+                self._unwait(host)
+            elif waiter.done():  # granted in the same instant: give it back
+                self.release(waiter.result(), None)
+            raise
+
+    def _unwait(self, host: _Host) -> None:
+        host.nwait -= 1
+        self.waiting[host.wclass] -= 1
+        if not host.nwait:
+            host.wclass = None
+
+    def _file(self, host: _Host, now: float) -> None:
+        """Put a host with waiters in the rotation of its class (once)."""
+        cls = self._class(host, now)
+        if host.nwait and host.wclass != cls:
+            self.waiting[host.wclass] -= host.nwait
+            self.waiting[cls] += host.nwait
+            host.wclass = cls
+        if host.queued is not None and host.queued != cls:
+            try:
+                self.ready[host.queued].remove(host)
+            except ValueError:
+                pass
+            host.queued = None
+        if host.queued is None and host.waiters:
+            host.queued = cls
+            self.ready[cls].append(host)
+
+    def _pump(self, loop) -> None:
+        """Grant free slots to waiting requests: fast receivers first, then new
+        ones, each rotation round robin; the slow lane on its own."""
+        now = loop.time()
+        again = True
+        while again:
+            again = False
+            for cls in (FAST, NEW, SLOW):
+                rotation = self.ready[cls]
+                while rotation and self._room(cls):
+                    host = rotation.popleft()
+                    host.queued = None
+                    while host.waiters and host.waiters[0].done():
+                        host.waiters.popleft()  # cancelled, counted already
+                    if not host.waiters:
+                        continue
+                    actual = self._class(host, now)
+                    if actual != cls:  # its health changed while it waited
+                        self._file(host, now)
+                        # Once more if it went to a rotation served already.
+                        again = again or actual == FAST or (actual == NEW and cls == SLOW)
+                        continue
+                    if host.active >= self._limit(cls):
+                        continue  # filed again when one of its requests ends
+                    waiter = host.waiters.popleft()
+                    self._unwait(host)
+                    waiter.set_result(self._grant(host, cls, loop))
+                    if host.waiters:
+                        host.queued = cls
+                        rotation.append(host)
+
+    def _grant(self, host: _Host, cls: str, loop) -> _Slot:
+        self.used[cls] += 1
+        host.active += 1
+        slot = _Slot(host, cls, loop.time())
+        host.slots.add(slot)
+        if cls != SLOW and self.slow_after:
+            slot.timer = loop.call_later(self.slow_after, self._too_slow, slot)
+        return slot
+
+    def release(self, slot: _Slot, outcome: Optional["Outcome"]) -> None:
+        """A request has ended (``outcome`` None: it never started)."""
+        loop = asyncio.get_running_loop()
+        host = slot.host
+        if slot.timer is not None:
+            slot.timer.cancel()
+        host.slots.discard(slot)
+        self.used[slot.lane] -= 1
+        host.active -= 1
+        if outcome is not None:
+            self._observe(host, outcome, loop.time() - slot.granted, loop.time())
+        if host.waiters:
+            self._file(host, loop.time())
+        self._pump(loop)
+
+    # --- health ------------------------------------------------------------------
+
+    def _observe(self, host: _Host, outcome: "Outcome", took: float, now: float) -> None:
+        if outcome.status is not None and took < self.slow_after:
+            self._mark(host, FAST, now + FAST_MEMORY, now)
+        elif outcome.status is not None or outcome.error in _NETWORK_FAILURES:
+            self._mark(host, SLOW, now + self.slow_seconds, now)
+
+    def _mark(self, host: _Host, state: str, until: float, now: float) -> None:
+        was = self._class(host, now)
+        host.state, host.until = state, until
+        if (state == SLOW) != (was == SLOW):
+            names = {n: t for n, t in self.slow_names.items() if t > now}
+            if state == SLOW:
+                names[host.name] = until
+            else:
+                names.pop(host.name, None)
+            self.slow_names = names
+        if was != state and host.waiters:
+            self._file(host, now)
+
+    def _too_slow(self, slot: _Slot) -> None:
+        """A request has had a healthy slot for ``slow_after`` seconds: its
+        receiver goes to the slow lane, with its requests in flight."""
+        loop = asyncio.get_running_loop()
+        host = slot.host
+        self._mark(host, SLOW, loop.time() + self.slow_seconds, loop.time())
+        for moved in host.slots:
+            if moved.lane != SLOW:
+                self.used[moved.lane] -= 1
+                self.used[SLOW] += 1
+                moved.lane = SLOW
+                if moved.timer is not None:
+                    moved.timer.cancel()
+                    moved.timer = None
+        self._pump(loop)
+
+    def free(self) -> int:
+        return max(0, self.capacity - self.used[FAST] - self.used[NEW]
+                   - self.waiting[FAST] - self.waiting[NEW])
 
 
 class Sender:
-    """Sends deliveries; one per process, safe to call from any thread."""
+    """Sends deliveries; one per process, safe to call from any thread.
+
+    Every wait of an attempt (DNS, the gates, connect, send, answer) is
+    inside its deadline, ``total_timeout`` from :meth:`submit`; an attempt
+    that is still waiting for a slot at its deadline ends as ``timeout``
+    without being sent. An exception while preparing, signing or sending one
+    request is that request's outcome (``internal_error``), never the batch's.
+    """
 
     def __init__(self, connect_timeout: float = 5.0, total_timeout: float = 15.0,
-                 max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16
+                 max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
+                 dns_timeout: float = 5.0, slow_after: float = 2.0,
+                 slow_lane_seconds: float = 60.0, slow_lane_concurrency: int = 16,
+                 slow_lane_per_host: int = 2, allowed_networks: Optional[list] = None
                  ) -> None:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
@@ -227,7 +520,10 @@ class Sender:
         # At most this many connections to one receiver at a time: polite, and
         # a receiver serving a thread per connection does better with fewer.
         self.per_host = per_host
-        self._host_gates: dict[tuple, asyncio.Semaphore] = {}
+        self.allowed_networks = allowed_networks
+        self._gates = _Gates(concurrency, per_host, slow_lane_concurrency, slow_lane_per_host,
+                             slow_after, slow_lane_seconds)
+        self._resolver = guard.Resolver(timeout=dns_timeout, slow_seconds=slow_lane_seconds)
         self._idle: "collections.OrderedDict[tuple, list[_Connection]]" = \
             collections.OrderedDict()
         self._ssl: Optional[ssl.SSLContext] = None
@@ -236,19 +532,86 @@ class Sender:
                                         name="ckanext-webhooks-sender")
         self._thread.start()
 
+    @classmethod
+    def from_config(cls, **overrides) -> "Sender":
+        """A sender with the ``ckanext.webhooks.*`` settings of the CKAN config."""
+        from ckan.plugins import toolkit
+
+        def setting(key: str, default, kind=float):
+            value = toolkit.config.get(f"ckanext.webhooks.{key}")
+            return default if value in (None, "") else kind(value)
+        options = dict(
+            connect_timeout=setting("connect_timeout", 5.0),
+            total_timeout=setting("timeout", 15.0),
+            max_bytes=setting("max_response_bytes", 20480, int),
+            concurrency=setting("concurrency", 64, int),
+            per_host=setting("connections_per_host", 16, int),
+            dns_timeout=setting("dns_timeout", 5.0),
+            slow_after=setting("slow_after", 2.0),
+            slow_lane_seconds=setting("slow_lane_seconds", 60.0),
+            slow_lane_concurrency=setting("slow_lane_concurrency", 16, int),
+            slow_lane_per_host=setting("slow_lane_per_host", 2, int))
+        options.update(overrides)
+        return cls(**options)
+
     # --- the blocking API used by the dispatcher ---------------------------
 
-    def post(self, target: guard.Target, body: bytes, headers: dict[str, str]) -> Outcome:
-        return self.post_many([(target, body, headers)])[0]
+    def post(self, request, body: bytes = b"", headers: Optional[dict[str, str]] = None
+             ) -> Outcome:
+        """One request: a :class:`Request`, or (target or address, body, headers)."""
+        if not isinstance(request, Request):
+            request = Request(request, body, headers=headers)
+        return self.post_many([request])[0]
 
-    def post_many(self, requests: Iterable[tuple[guard.Target, bytes, dict[str, str]]]
-                  ) -> list[Outcome]:
+    def post_many(self, requests: Iterable) -> list[Outcome]:
         return self.submit(requests).result()
 
-    def submit(self, requests: Iterable[tuple[guard.Target, bytes, dict[str, str]]]
+    def submit(self, requests: Iterable, allowed: Optional[list] = None
                ) -> "concurrent.futures.Future[list[Outcome]]":
-        """Start sending; the future's result lists the outcomes in order."""
-        return asyncio.run_coroutine_threadsafe(self._post_many(list(requests)), self._loop)
+        """Start sending :class:`Request` objects (or (target, body, headers));
+        the future's result lists the outcomes in order, within about
+        ``total_timeout`` seconds, and is never an exception.
+
+        Addresses are parsed here, in the caller's thread (with the CKAN
+        config's ``allowed_networks`` unless ``allowed`` or the sender's own
+        say otherwise), and resolved and checked in the event loop."""
+        started = time.monotonic()
+        items: list = []
+        for item in requests:
+            try:
+                request = _as_request(item)
+                if isinstance(request.address, guard.Target):
+                    items.append((request, request.address, None))
+                else:
+                    items.append((request, guard.parse(request.address), None))
+            except guard.Refused:
+                items.append((item, None, Outcome(None, "refused_address", 0.0)))
+            except Exception:  # noqa: BLE001 - this request's outcome, not the batch's
+                log.exception("could not prepare a request")
+                items.append((item, None, Outcome(None, "internal_error", 0.0)))
+        if allowed is None:
+            allowed = self.allowed_networks
+        if allowed is None and any(isinstance(parsed, tuple) for _, parsed, _ in items):
+            allowed = guard.allowed_networks()
+        return asyncio.run_coroutine_threadsafe(
+            self._post_many(items, allowed or [], started), self._loop)
+
+    def free_capacity(self) -> int:
+        """Slots of the healthy pool that no request holds or waits for (a
+        snapshot; the claim side may size its batches by it)."""
+        return self._gates.free()
+
+    def slow_hosts(self) -> frozenset[str]:
+        """Names of the receivers now in the slow lane (a snapshot)."""
+        now = time.monotonic()
+        return frozenset(n for n, t in self._gates.slow_names.items() if t > now)
+
+    def stats(self) -> dict:
+        """Slots used and requests waiting, per class (a snapshot)."""
+        gates = self._gates
+        return {"used": dict(gates.used), "waiting": dict(gates.waiting),
+                "capacity": gates.capacity, "slow_capacity": gates.slow_capacity,
+                "free": gates.free(), "slow_hosts": len(self.slow_hosts())}
 
     def close(self) -> None:
         async def _close():
@@ -258,55 +621,72 @@ class Sender:
             self._idle.clear()
         asyncio.run_coroutine_threadsafe(_close(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
+        self._resolver.close()
 
     # --- inside the event loop ------------------------------------------------
 
-    async def _post_many(self, requests) -> list[Outcome]:
-        gate = asyncio.Semaphore(self.concurrency)
+    async def _post_many(self, items: list, allowed: list, started: float) -> list[Outcome]:
+        deadline = started + self.total_timeout
+        return await asyncio.gather(*(
+            self._attempt(request, parsed, allowed, started, deadline) if early is None
+            else _done(early) for request, parsed, early in items))
 
-        async def one(target, body, headers):
-            host_gate = self._host_gate(target)
-            async with host_gate, gate:
-                return await self._attempt(target, body, headers)
-        return await asyncio.gather(*(one(*r) for r in requests))
-
-    def _host_gate(self, target: guard.Target) -> asyncio.Semaphore:
-        key = (str(target.addresses[0]), target.port)
-        gate = self._host_gates.get(key)
-        if gate is None:
-            if len(self._host_gates) > MAX_POOLS:
-                self._host_gates = {k: g for k, g in self._host_gates.items() if g.locked()}
-            gate = self._host_gates[key] = asyncio.Semaphore(self.per_host)
-        return gate
-
-    async def _attempt(self, target: guard.Target, body: bytes, headers: dict[str, str]
-                       ) -> Outcome:
-        start = time.monotonic()
+    async def _attempt(self, request: Request, parsed, allowed: list, started: float,
+                       deadline: float) -> Outcome:
+        slot, outcome = None, None
         try:
-            data = _request_head(target, len(body), headers) + body
             # A deadline on this task, not a task of its own as wait_for would make.
-            async with asyncio.timeout(self.total_timeout):
-                answer = await self._exchange(target, data)
+            async with asyncio.timeout_at(deadline):
+                if isinstance(parsed, guard.Target):
+                    target = parsed
+                else:
+                    target = await self._resolver.target(parsed, allowed, deadline)
+                head = _request_head(target, len(request.body), request.headers,
+                                     request.event_id)
+                if request.event_id is not None:
+                    signing.check_secrets(request.secrets)
+                slot = await self._gates.acquire((target.addresses[0], target.port),
+                                                 target.host)
+                answer = await self._exchange(target, request, head)
+            outcome = Outcome(answer.status, None, time.monotonic() - started, answer.body,
+                              _retry_after(answer.retry_after))
         except (asyncio.TimeoutError, TimeoutError):
-            return Outcome(None, "timeout", time.monotonic() - start)
+            outcome = Outcome(None, "timeout", time.monotonic() - started)
         except _Failed as failure:
-            return Outcome(failure.status, failure.kind, time.monotonic() - start)
-        return Outcome(answer.status, None, time.monotonic() - start, answer.body,
-                       _retry_after(answer.retry_after))
+            outcome = Outcome(failure.status, failure.kind, time.monotonic() - started)
+        except guard.Unresolvable:
+            outcome = Outcome(None, "dns_error", time.monotonic() - started)
+        except guard.Refused:
+            outcome = Outcome(None, "refused_address", time.monotonic() - started)
+        except Exception:  # noqa: BLE001 - this request's outcome, never the batch's
+            log.exception("delivery attempt failed unexpectedly")
+            outcome = Outcome(None, "internal_error", time.monotonic() - started)
+        finally:
+            if slot is not None:
+                self._gates.release(slot, outcome)
+        return outcome
 
-    async def _exchange(self, target: guard.Target, data: bytes) -> _Answer:
-        key = (target.scheme, str(target.addresses[0]), target.port, target.host)
+    def _render(self, head: bytes, request: Request) -> bytes:
+        """The request's bytes, its Standard Webhooks headers made now."""
+        if request.event_id is None:
+            return head + b"\r\n" + request.body
+        fields = signing.headers(request.event_id, request.body, request.secrets)
+        return (head + "".join(f"{name}: {value}\r\n" for name, value in fields.items()
+                               ).encode("ascii") + b"\r\n" + request.body)
+
+    async def _exchange(self, target: guard.Target, request: Request, head: bytes) -> _Answer:
+        key = (target.scheme, target.addresses[0], target.port, target.host)
         conn = self._take_idle(key)
         if conn is not None:
             try:
-                return await self._round_trip(conn, key, data)
+                return await self._round_trip(conn, key, head, request)
             except _Failed as failure:
                 if failure.kind != "stale_connection":
                     raise
                 # The receiver closed an idle keep-alive connection: once more, fresh.
         conn = await self._connect(target)
         try:
-            return await self._round_trip(conn, key, data)
+            return await self._round_trip(conn, key, head, request)
         except _Failed as failure:
             if failure.kind == "stale_connection":
                 raise _Failed("connection_error")
@@ -327,9 +707,11 @@ class Sender:
             raise _Failed("connect_error")
         return conn
 
-    async def _round_trip(self, conn: _Connection, key, data: bytes) -> _Answer:
+    async def _round_trip(self, conn: _Connection, key, head: bytes, request: Request
+                          ) -> _Answer:
         try:
-            answer = await conn.request(data)
+            # Signed here, right before the write: the timestamp is the sending time.
+            answer = await conn.request(self._render(head, request))
         except BaseException:  # failed, or cancelled by the total timeout: unusable
             conn.close()
             raise
@@ -365,6 +747,10 @@ class Sender:
         return self._ssl
 
 
+async def _done(outcome: Outcome) -> Outcome:
+    return outcome
+
+
 def _retry_after(value: Optional[str]) -> Optional[float]:
     if not value:
         return None
@@ -385,13 +771,7 @@ _web_sender_lock = threading.Lock()
 def web_sender() -> Sender:
     """The sender of the web process (verification handshakes and pings)."""
     global _web_sender
-    from ckan.plugins import toolkit
     with _web_sender_lock:
         if _web_sender is None:
-            cfg = toolkit.config
-            _web_sender = Sender(
-                connect_timeout=float(cfg.get("ckanext.webhooks.connect_timeout") or 5),
-                total_timeout=float(cfg.get("ckanext.webhooks.timeout") or 15),
-                max_bytes=int(cfg.get("ckanext.webhooks.max_response_bytes") or 20480),
-                concurrency=8)
+            _web_sender = Sender.from_config(concurrency=8)
     return _web_sender

@@ -1,12 +1,9 @@
-"""Fan-out, delivery queue and pruning, on top of the database.
+"""Delivery queue and pruning, on top of the database (fan-out, which fills
+the queue, is :mod:`fanout`).
 
 The Celery tasks in :mod:`tasks` are thin: they call these functions. The
 database is the source of truth:
 
-* :func:`fan_out` takes outbox events under a row lock (``FOR UPDATE SKIP
-  LOCKED``, so one worker does each), takes the entity's API view once, and
-  queues one ``webhooks_delivery`` row per subscribed hook with a single
-  ``INSERT ... SELECT``, in one transaction.
 * :func:`drain` claims due rows (``FOR UPDATE SKIP LOCKED``; the claim moves
   ``due`` forward by a lease, so work held by a dead worker comes back by
   itself), sends them concurrently, and records the outcomes in bulk: rows
@@ -18,12 +15,17 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import json
 import logging
-import math
+import mmap
+import os
 import random
+import secrets
+import signal
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any, Iterable, NamedTuple, Optional
 
@@ -32,11 +34,11 @@ import sqlalchemy as sa
 from ckan import model
 from ckan.plugins import PluginImplementations, toolkit
 
-from . import guard, payload, signing
-from .delivery import Outcome, Sender
+from . import audience, guard, payload, signing, topics
+from .delivery import Outcome, Request, Sender
 from .ids import fingerprint
 from .interfaces import IWebhooks
-from .model import WebhookEvent, utcnow
+from .model import WebhookEvent
 
 log = logging.getLogger(__name__)
 # The channel the outbox trigger (migration 01) notifies and workers LISTEN on.
@@ -64,99 +66,190 @@ def concurrency() -> int:
 
 
 def lease_seconds() -> float:
-    """Long enough for a whole batch to time out, round by round."""
-    rounds = math.ceil(batch_size() / max(1, concurrency()))
-    return float(_cfg("lease_seconds", 0)) or (
-        float(_cfg("timeout", 15)) * rounds + 10)
+    """How long claimed work stays with a worker that stops renewing its lease
+    (one that died): a working worker renews it every third of this."""
+    return float(_cfg("lease_seconds", 60))
+
+
+# --- leases -------------------------------------------------------------------
+#
+# A claim gives its batch a fresh token and a lease (``due`` moved forward).
+# While the worker works on the batch a thread of its own renews the lease,
+# so the lease never runs out under work still within its deadline however
+# long the gates, DNS, connects and answers take; a worker that dies stops
+# renewing, and its work is taken over ``lease_seconds`` later. Outcomes are
+# recorded, and leases renewed, only on rows that still carry the worker's
+# token: a worker that lost its lease (stuck, or cut off from the database)
+# never overwrites the state of the one that took the work over.
+
+# A batch is renewed for at most this long after its claim: preparing it, its
+# attempts (each within ``timeout``), and recording it. A worker that has
+# not recorded a batch by then is presumed stuck and lets it go.
+PREPARE_LIMIT = 120.0
+RECORD_SLACK = 30.0
+
+
+def _hold_limit() -> float:
+    return PREPARE_LIMIT + float(_cfg("timeout", 15)) + RECORD_SLACK
+
+
+class _Leases:
+    """The claim tokens this process holds, renewed by a thread of its own
+    (with a database connection of its own) until released or held too long."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tick = threading.Condition(self._lock)
+        self._until: dict[str, float] = {}
+        self._lease = 60.0
+        self._thread: Optional[threading.Thread] = None
+
+    def hold(self, token: str, lease: float) -> None:
+        with self._lock:
+            self._until[token] = time.monotonic() + _hold_limit()
+            self._lease = lease
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="ckanext-webhooks-leases")
+                self._thread.start()
+
+    def release(self, *tokens: str) -> None:
+        with self._lock:
+            for token in tokens:
+                self._until.pop(token, None)
+
+    def _after_fork(self) -> None:
+        """A forked process holds nothing of its parent's, and has no thread yet."""
+        self.__init__()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._tick.wait(self._lease / 3)
+                now = time.monotonic()
+                tokens = sorted(t for t, until in self._until.items() if until > now)
+                lease = self._lease
+            if tokens:
+                try:
+                    renew(tokens, lease)
+                except Exception as error:  # noqa: BLE001 - try again at the next tick
+                    log.warning("could not renew the leases of %d batch(es): %s",
+                                len(tokens), error)
+
+
+_leases = _Leases()
+os.register_at_fork(after_in_child=_leases._after_fork)
+
+# Rows of the given claim tokens, locked in key order (every writer of
+# webhooks_delivery locks in this order, so none waits on another in a cycle)
+# or skipped when another transaction holds them (``{skip}``).
+_OWNED = """(SELECT event_id, hook_id FROM webhooks_delivery
+              WHERE claim_token = ANY(:tokens)
+              ORDER BY event_id COLLATE "C", hook_id COLLATE "C" FOR UPDATE{skip})"""
+
+
+def renew(tokens: list[str], lease: float) -> int:
+    """Move the lease end of the rows still carrying these tokens to ``lease``
+    seconds from now, in a transaction of its own; returns the rows renewed.
+    Rows another transaction is recording are skipped (never waited for)."""
+    with model.meta.engine.begin() as conn:
+        return conn.execute(sa.text(f"""
+            UPDATE webhooks_delivery d SET due = now() + make_interval(secs => :lease)
+              FROM {_OWNED.format(skip=" SKIP LOCKED")} o
+             WHERE d.event_id = o.event_id AND d.hook_id = o.hook_id
+        """), {"tokens": tokens, "lease": lease}).rowcount
+
+
+def _hand_back(tokens: list[str]) -> None:
+    """Give claimed work back, due now, for any worker to take at once; the
+    attempts it was claimed for are not counted. In a transaction of its own."""
+    session = model.Session
+    session.rollback()
+    session.execute(sa.text(f"""
+        UPDATE webhooks_delivery d
+           SET claim_token = NULL, due = now(), attempts = greatest(d.attempts - 1, 0)
+          FROM {_OWNED.format(skip="")} o
+         WHERE d.event_id = o.event_id AND d.hook_id = o.hook_id
+    """), {"tokens": tokens})
+    session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    session.commit()
+
+
+# --- shutdown -------------------------------------------------------------------
+#
+# Once a worker is asked to stop, drain() claims nothing more: the batches on
+# the wire finish (within the timeout) and are recorded, so a restart neither
+# sends twice nor loses anything. Celery's warm shutdown happens in the
+# worker's main process: it sets this flag in memory that the pool processes
+# share (they are forked from it after this module is imported). 1: warm
+# shutdown, 2: cold (the pool is being terminated).
+_worker_stopping = mmap.mmap(-1, 1)
+_stop_here = threading.Event()  # this process was asked to stop (SIGTERM)
+_in_pool_process = False        # a Celery pool process (set by celery_app)
+
+
+def worker_stopping(cold: bool = False) -> None:
+    """The worker is shutting down: claim no more (every process of it)."""
+    _worker_stopping[0] = max(_worker_stopping[0], 2 if cold else 1)
+
+
+def in_pool_process() -> None:
+    global _in_pool_process
+    _in_pool_process = True
+
+
+def stopping() -> bool:
+    return bool(_worker_stopping[0]) or _stop_here.is_set()
+
+
+@contextlib.contextmanager
+def _sigterm_deferred():
+    """In a pool process, SIGTERM (systemd stopping the service, a deploy, the
+    pool being terminated) ends the process at once, with requests on the wire
+    and their outcomes unrecorded (then sent again when their lease runs out).
+    While a drain is under way it only asks the drain to stop; then it takes
+    its course, unless the pool is closing in a warm shutdown (the process then
+    ends when the pool tells it to). A second SIGTERM, or one during a cold
+    shutdown, takes its course at once."""
+    if not _in_pool_process or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    deferred: list[int] = []
+
+    def on_sigterm(signum, frame):
+        if deferred or _worker_stopping[0] == 2:
+            signal.signal(signal.SIGTERM, previous)
+            signal.raise_signal(signum)
+            return
+        deferred.append(signum)
+        _stop_here.set()
+        log.info("SIGTERM: finishing the deliveries on the wire, claiming no more")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if deferred and _worker_stopping[0] != 1:
+            signal.raise_signal(signal.SIGTERM)
 
 
 # --- per-process state ------------------------------------------------------
 
 _sender: Optional[Sender] = None
 _state_lock = threading.Lock()
-_envelopes: "collections.OrderedDict[str, tuple[Any, str]]" = collections.OrderedDict()
+_events: "collections.OrderedDict[str, _DetachedEvent]" = collections.OrderedDict()
+_envelopes: "collections.OrderedDict[tuple, str]" = collections.OrderedDict()
 
 
 def _process_sender() -> Sender:
     global _sender
     with _state_lock:
         if _sender is None:
-            _sender = Sender(
-                connect_timeout=float(_cfg("connect_timeout", 5)),
-                total_timeout=float(_cfg("timeout", 15)),
-                max_bytes=int(_cfg("max_response_bytes", 20480)),
-                concurrency=concurrency(),
-                per_host=int(_cfg("connections_per_host", 16)),
-            )
+            # Timeouts, DNS, the healthy pool and the slow lane: see Sender.from_config.
+            _sender = Sender.from_config(concurrency=concurrency())
     return _sender
-
-
-# --- fan-out ----------------------------------------------------------------
-
-FANOUT_EVENTS = 100  # events a fan-out task takes at a time
-
-
-def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
-    """Fan out committed events no worker has taken yet.
-
-    Returns (events fanned out, deliveries queued).
-
-    Each event is taken under a row lock (``FOR UPDATE SKIP LOCKED``: other
-    workers skip it, and a worker that dies lets it go), its entity view is
-    taken, and its deliveries are queued and the event marked fanned out in
-    the same transaction.
-    """
-    session = model.Session
-    events = session.scalars(
-        sa.select(WebhookEvent).where(WebhookEvent.fanned_out.is_(None))
-        .order_by(WebhookEvent.created).limit(limit).with_for_update(skip_locked=True)).all()
-    queued = 0
-    for event in events:
-        # The entity's API view, taken now, right after the commit, and kept:
-        # every delivery and retry of this event sends exactly this. (Events of
-        # a plugin's own topic came with their data.)
-        if event.data is None:
-            event.data = _entity_view(event)
-        event.fanned_out = utcnow()
-        session.flush()
-        known = (event.snapshot or {}).get("_package") or {}
-        # Hooks filtered by group hear of the dataset's groups as they are now.
-        result = session.execute(sa.text("""
-            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-            SELECT :event_id, id, 0, now() FROM webhooks
-             WHERE topic = :topic
-               AND (dataset_id IS NULL OR dataset_id = :package_id)
-               AND (organization_id IS NULL OR organization_id = :owner_org)
-               AND (group_id IS NULL OR group_id IN (
-                    SELECT group_id FROM member
-                     WHERE table_name = 'package' AND table_id = :package_id
-                       AND state = 'active'))
-            ON CONFLICT DO NOTHING
-        """), {"event_id": event.id, "topic": event.topic, "package_id": event.package_id,
-               "owner_org": known.get("owner_org")})
-        queued += result.rowcount
-        _remember_envelope(event)
-        log.debug("event %s (%s) fanned out to %d hook(s)", event.id, event.topic,
-                  result.rowcount)
-    session.commit()
-    return len(events), queued
-
-
-def pending_events(min_age: float) -> bool:
-    """Are there committed events older than ``min_age`` seconds not fanned out?"""
-    return bool(model.Session.execute(sa.text("""
-        SELECT 1 FROM webhooks_event
-         WHERE fanned_out IS NULL AND created <= now() - make_interval(secs => :age)
-         LIMIT 1
-    """), {"age": min_age}).first())
-
-
-def _entity_view(event: WebhookEvent) -> dict:
-    try:
-        return payload.entity_data(event)
-    except Exception:  # noqa: BLE001 - deliver what we know rather than nothing
-        log.exception("could not build the payload of %s; sending the snapshot", event.id)
-        return {k: v for k, v in (event.snapshot or {}).items() if k != "_package"}
 
 
 # --- delivery queue ---------------------------------------------------------
@@ -167,12 +260,19 @@ class _Job:
     hook_id: str
     attempts: int
     hook: "_HookRow"
+    audience: str = ""            # whose rendering it carries ('' = anonymous)
+    delivered_topic: Optional[str] = None  # set when a visibility change changed the topic
+    reason: Optional[str] = None  # why a dataset/create or dataset/delete was sent
     target: Optional[guard.Target] = None
     body: str = ""
     headers: Optional[dict] = None
     outcome: Optional[Outcome] = None
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
     topic: str = ""
+    claim_token: str = ""         # its claim's: only its holder records its outcome
+    # Preparing it raised: nothing was sent; retried on the schedule, not
+    # counted against the hook.
+    prepare_error: Optional[str] = None
 
 
 class _HookRow(NamedTuple):
@@ -181,23 +281,33 @@ class _HookRow(NamedTuple):
     address: str
     secret: Optional[str]
     user_id: Optional[str]
+    token_id: Optional[str] = None
 
 
 def claim(limit: int) -> list[_Job]:
-    """Lease up to ``limit`` due deliveries, with their hooks, in one statement."""
+    """Lease up to ``limit`` due deliveries, with their hooks, in one statement,
+    under a fresh claim token; this process renews the lease until it releases
+    the token (:data:`_leases`). Rows whose lease ran out are due again."""
     session = model.Session
+    token = secrets.token_hex(16)
+    lease = lease_seconds()
     rows = session.execute(sa.text("""
         UPDATE webhooks_delivery d
-           SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1
+           SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1,
+               claim_token = :token
           FROM (SELECT event_id, hook_id FROM webhooks_delivery
                  WHERE due <= now()
                  ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED) c, webhooks h
          WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id AND h.id = d.hook_id
-        RETURNING d.event_id, d.hook_id, d.attempts, h.address, h.secret, h.user_id
-    """), {"lease": lease_seconds(), "limit": limit}).all()
+        RETURNING d.event_id, d.hook_id, d.attempts, d.audience, d.topic, d.reason,
+                  h.address, h.secret, h.user_id, h.token_id
+    """), {"lease": lease, "limit": limit, "token": token}).all()
     session.commit()
+    if rows:
+        _leases.hold(token, lease)
     return [_Job(r.event_id, r.hook_id, r.attempts,
-                 _HookRow(r.hook_id, r.address, r.secret, r.user_id)) for r in rows]
+                 _HookRow(r.hook_id, r.address, r.secret, r.user_id, r.token_id),
+                 r.audience, r.topic, r.reason, claim_token=token) for r in rows]
 
 
 MAX_BATCHES_IN_FLIGHT = 4
@@ -208,72 +318,173 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
 
     Several batches are on the wire at once and each is recorded as soon as
     it completes, so a receiver that keeps one batch waiting for its timeout
-    does not hold up the batches after it.
+    does not hold up the batches after it. Once the worker is asked to stop
+    (:func:`stopping`) nothing more is claimed, and the batches on the wire
+    are finished and recorded before it returns.
     Returns (attempts made, whether due work may remain).
     """
     started = time.monotonic()
     total, in_flight, exhausted = 0, [], False
-    while True:
-        while (not exhausted and len(in_flight) < MAX_BATCHES_IN_FLIGHT
-               and time.monotonic() - started < budget):
-            jobs = claim(batch_size())
-            if not jobs:
-                exhausted = True
-                break
-            in_flight.append(_send(jobs, _prepare(jobs)))
-            total += len(jobs)
-        if not in_flight:
-            return total, not exhausted
-        futures = [f for _, _, f in in_flight if f is not None]
-        if futures:
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
-        for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
-            in_flight.remove(batch)
-            _finish(*batch)
+    with _sigterm_deferred():
+        try:
+            while True:
+                while (not exhausted and not stopping()
+                       and len(in_flight) < MAX_BATCHES_IN_FLIGHT
+                       and time.monotonic() - started < budget):
+                    jobs = claim(batch_size())
+                    if not jobs:
+                        exhausted = True
+                        break
+                    in_flight.append(_send(jobs, _prepare_batch(jobs)))
+                    total += len(jobs)
+                if not in_flight:
+                    if stopping() and not exhausted:
+                        log.info("stopping: %d attempt(s) made and recorded, the rest "
+                                 "left to other workers", total)
+                    return total, not exhausted
+                futures = [f for _, _, f in in_flight if f is not None]
+                if futures:
+                    concurrent.futures.wait(futures,
+                                            return_when=concurrent.futures.FIRST_COMPLETED)
+                for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
+                    _finish(*batch)
+                    in_flight.remove(batch)
+                    _leases.release(batch[0][0].claim_token)
+        except BaseException as error:
+            if in_flight and not isinstance(error, Exception):
+                # Made to stop at once (a second SIGTERM): what is not recorded
+                # goes back to the queue now rather than when its lease runs out.
+                try:
+                    _hand_back([b[0][0].claim_token for b in in_flight])
+                    log.info("stopping at once: %d batch(es) handed back", len(in_flight))
+                except Exception as hand_back_error:  # noqa: BLE001 - their leases run out
+                    log.warning("could not hand back unrecorded work: %s", hand_back_error)
+            raise
+        finally:  # whatever is left unrecorded is not renewed: its lease runs out
+            _leases.release(*(b[0][0].claim_token for b in in_flight))
+
+
+def _prepare_batch(jobs: list[_Job]) -> list[_Job]:
+    """:func:`_prepare`, with a failure of the batch as a whole (rather than of
+    one delivery) confined to the batch: each of its deliveries not decided yet
+    is retried on the schedule, and the drain goes on with other batches."""
+    try:
+        return _prepare(jobs)
+    except Exception as error:  # noqa: BLE001
+        _prepare_failed([job for job in jobs if job.outcome is None and job.drop is None
+                         and job.prepare_error is None], error)
+        return []
+
+
+_failure_traces: dict[tuple, None] = {}
+
+
+def _prepare_failed(jobs: list[_Job], error: Exception) -> None:
+    """Preparing these deliveries raised (a plugin, authorization, rendering):
+    nothing was sent, and each is retried on the schedule like a failed attempt
+    (not counted against its hook), then given up. Logged with the hooks'
+    fingerprints, never their ids (nor addresses or secrets, scrubbed from the
+    message); the traceback once per process and distinct stack."""
+    model.Session.rollback()  # its read transaction may be broken: go on in a new one
+    text = "".join(traceback.format_exception_only(type(error), error)).strip()
+    for job in jobs:
+        job.prepare_error = "internal_error"
+        for secret, stand_in in ((job.hook_id, fingerprint(job.hook_id)),
+                                 (job.hook.address, "<address>"), (job.hook.secret, "<secret>")):
+            if secret:
+                text = text.replace(secret, stand_in)
+    stack = tuple((frame.filename, frame.lineno)
+                  for frame in traceback.extract_tb(error.__traceback__))
+    if len(_failure_traces) > 100:
+        _failure_traces.clear()
+    trace = ""
+    if stack not in _failure_traces:
+        _failure_traces[stack] = None
+        trace = "\n" + "".join(traceback.format_list(traceback.extract_tb(error.__traceback__)))
+    if not jobs:
+        log.error("could not prepare a batch (no delivery affected): %s%s", text, trace)
+        return
+    log.error("could not prepare event %s for %s%s (attempt %d): %s%s", jobs[0].event_id,
+              fingerprint(jobs[0].hook_id),
+              f" and {len(jobs) - 1} other(s)" if len(jobs) > 1 else "",
+              jobs[0].attempts, text, trace)
 
 
 def _prepare(jobs: list[_Job]) -> list[_Job]:
-    """Decide, for each claimed job, whether and what to send; returns the sendable."""
+    """Decide, for each claimed job, whether and what to send; returns the sendable.
+
+    Each body is the one rendered for the delivery's own audience. Access is
+    checked again now: it can withhold a delivery (access lost since fan-out,
+    a token revoked, a user blocked) but never widen one.
+    """
     session = model.Session
-    readers: dict = {}
+    readers = _readers_now(jobs)
+    names = audience.reader_names(key for key, _ in readers.values())
     visible: dict = {}
-    hosts: dict = {}
-    allowed = guard.allowed_networks()
     extensions = list(PluginImplementations(IWebhooks))
     sendable = []
     for job in jobs:
-        hook = job.hook
-        event, envelope = _envelope(job.event_id)
-        if event is None:
-            job.drop = "gone"
-            continue
-        job.topic = event.topic
-        reader = payload.reader_name(hook.user_id, readers)
-        if reader is None:
-            job.drop = "reader_gone"
-            continue
-        key = (job.event_id, reader)
-        if key not in visible:
-            visible[key] = payload.can_read(event, reader)
-        if not visible[key]:
-            job.drop = "not_visible"
-            continue
-        try:  # checked again at every attempt: DNS answers change
-            target = guard.resolve(hook.address, allowed, hosts)
-        except guard.Refused:
-            job.outcome = Outcome(None, "refused_address", 0.0)
-            continue
-        job.target = target
-        job.body = payload.body_for(envelope, hook.id)
-        if extensions:
-            job.body = _through_plugins(extensions, job.body, hook)
-            if job.body is None:
-                job.drop = "vetoed"
+        try:
+            hook = job.hook
+            event = _event(job.event_id)
+            if event is None:
+                job.drop = "gone"
                 continue
-        job.headers = signing.headers(job.event_id, job.body, hook.secret)
-        sendable.append(job)
+            job.topic = job.delivered_topic or event.topic
+            key, active = readers.get(hook.id, (None, False))
+            reader = names.get(key) if active else None
+            if reader is None:
+                job.drop = "reader_gone"
+                continue
+            if key != job.audience:  # its body was rendered for another reader
+                job.drop = "reader_changed"
+                continue
+            check = _access_check(event, job.topic)
+            if check is not None:
+                if (job.event_id, key, check) not in visible:
+                    visible[(job.event_id, key, check)] = audience.may_read(
+                        reader, check[0], check[1], event.package_id)
+                if not visible[(job.event_id, key, check)]:
+                    job.drop = "not_visible"
+                    continue
+            envelope = _envelope(event, key, job.topic, job.reason)
+            if envelope is None:
+                job.drop = "no_view"
+                continue
+            # The address is resolved and checked by the sender, at the attempt.
+            job.body = payload.body_for(envelope, hook.id)
+            if extensions:
+                job.body = _through_plugins(extensions, job.body, hook)
+                if job.body is None:
+                    job.drop = "vetoed"
+                    continue
+            sendable.append(job)
+        except Exception as error:  # noqa: BLE001 - it fails alone; the batch goes on
+            _prepare_failed([job], error)
     session.rollback()  # end the read transaction before the slow part
     return sendable
+
+
+def _readers_now(jobs: list[_Job]) -> dict[str, tuple[str, bool]]:
+    """hook id -> (its audience now, whether its reader is still active)."""
+    rows = model.Session.execute(sa.text(f"""
+        SELECT w.id, {audience.AUDIENCE_SQL} AS audience,
+               {audience.READER_ACTIVE_SQL} AS active
+          FROM webhooks w WHERE w.id = ANY(:ids)
+    """), {"ids": list({job.hook_id for job in jobs})}).all()
+    return {row.id: (row.audience, row.active) for row in rows}
+
+
+def _access_check(event, topic: str) -> Optional[tuple[str, str]]:
+    """What the reader must still be allowed to see for this delivery to go:
+    (action, id), or None for a delete (it says no more than the reader saw)."""
+    if topic in (topics.DATASET_CREATE, topics.DATASET_UPDATE):
+        return ("package_show", event.package_id)
+    if topic in (topics.RESOURCE_CREATE, topics.RESOURCE_UPDATE):
+        return ("resource_show", event.object_id)
+    if topic in topics.TOPICS or not event.package_id:
+        return None
+    return ("package_show", event.package_id)  # a plugin's topic about a dataset
 
 
 def _through_plugins(extensions, body: str, hook) -> Optional[str]:
@@ -289,10 +500,21 @@ def _through_plugins(extensions, body: str, hook) -> Optional[str]:
 
 
 def _send(jobs: list[_Job], sendable: list[_Job]):
-    future = _process_sender().submit(
-        (job.target, job.body.encode("utf-8"), job.headers) for job in sendable) \
-        if sendable else None
-    return jobs, sendable, future
+    """Hand the sendable jobs to the sender: it resolves and checks each address,
+    and signs each request right before writing it. A job that cannot even be
+    handed over has that as its outcome (``internal_error``, retried)."""
+    requests, handed = [], []
+    for job in sendable:
+        try:
+            requests.append(Request(job.hook.address, job.body.encode("utf-8"), job.event_id,
+                                    signing.secrets_of(job.hook.secret)))
+            handed.append(job)
+        except Exception:  # noqa: BLE001 - this delivery's outcome, not the batch's
+            log.exception("could not hand event %s for %s to the sender", job.event_id,
+                          fingerprint(job.hook_id))
+            job.outcome = Outcome(None, "internal_error", 0.0)
+    future = _process_sender().submit(requests) if requests else None
+    return jobs, handed, future
 
 
 def _finish(jobs: list[_Job], sendable: list[_Job], future) -> None:
@@ -302,25 +524,45 @@ def _finish(jobs: list[_Job], sendable: list[_Job], future) -> None:
     _record(jobs)
 
 
-def _envelope(event_id: str) -> tuple[Any, str]:
-    cached = _envelopes.get(event_id)
+def _event(event_id: str) -> Optional["_DetachedEvent"]:
+    cached = _events.get(event_id)
     if cached is not None:
-        _envelopes.move_to_end(event_id)
+        _events.move_to_end(event_id)
         return cached
     event = model.Session.get(WebhookEvent, event_id)
     if event is None:
-        return None, ""
-    return _remember_envelope(event)
-
-
-def _remember_envelope(event: WebhookEvent) -> tuple[Any, str]:
-    data_json = json.dumps(event.data if event.data is not None else {},
-                           separators=(",", ":"), default=str)
-    cached = (_DetachedEvent(event), payload.event_envelope(event, data_json))
-    _envelopes[event.id] = cached
-    while len(_envelopes) > 64:
-        _envelopes.popitem(last=False)
+        return None
+    _events[event_id] = cached = _DetachedEvent(event)
+    while len(_events) > 256:
+        _events.popitem(last=False)
     return cached
+
+
+def _envelope(event: "_DetachedEvent", key: str, topic: str, reason: Optional[str]
+              ) -> Optional[str]:
+    """The body shared by every hook of one audience, topic and reason; None
+    when the audience has no rendering of the event."""
+    cache_key = (event.id, key, topic, reason)
+    cached = _envelopes.get(cache_key)
+    if cached is not None:
+        _envelopes.move_to_end(cache_key)
+        return cached
+    data = payload.delivery_data(event, topic, lambda: _rendering(event.id, key))
+    if data is None:
+        return None
+    envelope = payload.event_envelope(
+        event, json.dumps(data, separators=(",", ":"), default=str), topic, reason)
+    _envelopes[cache_key] = envelope
+    while len(_envelopes) > 256:
+        _envelopes.popitem(last=False)
+    return envelope
+
+
+def _rendering(event_id: str, key: str) -> Optional[Any]:
+    """The stored rendering of an event for an audience, or None."""
+    return model.Session.execute(sa.text(
+        "SELECT data FROM webhooks_rendering WHERE event_id = :e AND audience = :a "
+        "AND data IS NOT NULL"), {"e": event_id, "a": key}).scalar()
 
 
 class _DetachedEvent:
@@ -333,6 +575,7 @@ class _DetachedEvent:
         self.package_id = event.package_id
         self.created = event.created
         self.snapshot = event.snapshot
+        self.data = event.data
 
 
 # --- recording outcomes -----------------------------------------------------
@@ -341,7 +584,12 @@ _RETRYABLE_4XX = {408, 425, 429}
 
 
 def _classify(outcome: Outcome) -> str:
-    """'ok', 'gone' (410), 'client' (other 4xx: not retried), or 'retry'."""
+    """'ok', 'gone' (410), 'client' (other 4xx: not retried), or 'retry'.
+
+    A name that did not resolve (``dns_error``), a timeout (also one that
+    never got a slot) or an ``internal_error`` is 'retry': a network
+    condition, never counted as a 4xx. A name resolving to a refused address
+    is 'client' at every attempt."""
     if outcome.ok:
         return "ok"
     if outcome.status == 410:
@@ -354,12 +602,51 @@ def _classify(outcome: Outcome) -> str:
     return "retry"
 
 
+def _retry_delay(job: _Job, schedule: list[float]) -> float:
+    delay = schedule[job.attempts] * random.uniform(1.0, 1.2)
+    if job.outcome is not None and job.outcome.retry_after:
+        delay = max(delay, min(job.outcome.retry_after, 86400.0))
+    return delay
+
+
 def _record(jobs: list[_Job]) -> None:
+    """Record one claimed batch's outcomes in one transaction, as far as this
+    worker still holds it: rows whose claim token changed were taken over by
+    another worker (this one's lease ran out) and are left to it, as are their
+    hooks' statistics; the attempts are logged all the same (they were made).
+
+    Every writer locks in the same order, so concurrent batches over the same
+    hooks never deadlock: the batch's hooks by id, then its deliveries by
+    (event, hook). Hooks to prune are deleted after the commit, each in a
+    transaction of its own.
+    """
+    if not jobs:
+        return
     session = model.Session
+    token = jobs[0].claim_token
+    session.execute(sa.text("""
+        SELECT 1 FROM webhooks WHERE id = ANY(:ids) ORDER BY id COLLATE "C" FOR NO KEY UPDATE
+    """), {"ids": sorted({job.hook_id for job in jobs})}).all()
+    owned = {(row.event_id, row.hook_id) for row in session.execute(
+        sa.text(_OWNED.format(skip="")), {"tokens": [token]})}
+    mine = [job for job in jobs if (job.event_id, job.hook_id) in owned]
+    if len(mine) < len(jobs):
+        _report_lost([job for job in jobs if (job.event_id, job.hook_id) not in owned])
     schedule = retry_schedule()
     finished, retries = [], []
     per_hook: dict[str, dict] = {}
-    for job in jobs:
+    for job in mine:
+        if job.prepare_error is not None:  # nothing was sent
+            if job.attempts < len(schedule):
+                retries.append({"e": job.event_id, "h": job.hook_id,
+                                "delay": _retry_delay(job, schedule), "status": None,
+                                "error": job.prepare_error})
+            else:
+                log.warning("giving up on event %s for %s after %d attempts (it could not "
+                            "be prepared)", job.event_id, fingerprint(job.hook_id),
+                            job.attempts)
+                finished.append({"e": job.event_id, "h": job.hook_id})
+            continue
         if job.outcome is None:  # dropped: nothing was sent
             finished.append({"e": job.event_id, "h": job.hook_id})
             continue
@@ -376,10 +663,8 @@ def _record(jobs: list[_Job]) -> None:
             stats["tail_4xx"] = stats["tail_4xx"] + 1 if kind == "client" else 0
             stats["gone"] = stats["gone"] or kind == "gone"
         if kind == "retry" and job.attempts < len(schedule):
-            delay = schedule[job.attempts] * random.uniform(1.0, 1.2)
-            if job.outcome.retry_after:
-                delay = max(delay, min(job.outcome.retry_after, 86400.0))
-            retries.append({"e": job.event_id, "h": job.hook_id, "delay": delay,
+            retries.append({"e": job.event_id, "h": job.hook_id,
+                            "delay": _retry_delay(job, schedule),
                             "status": job.outcome.status, "error": job.outcome.error})
         else:
             if kind == "retry":
@@ -387,25 +672,26 @@ def _record(jobs: list[_Job]) -> None:
                             job.event_id, fingerprint(job.hook_id), job.attempts)
             finished.append({"e": job.event_id, "h": job.hook_id})
 
-    attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome)
-                for job in jobs if job.outcome is not None]
+    attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome,
+                            job.reason)
+                for job in jobs if job.outcome is not None and job.prepare_error is None]
     if attempts:
         log_attempts(attempts)
     if finished:
         session.execute(sa.text("""
             DELETE FROM webhooks_delivery d USING jsonb_to_recordset(CAST(:rows AS jsonb))
                 AS v(e text, h text)
-             WHERE d.event_id = v.e AND d.hook_id = v.h
-        """), {"rows": json.dumps(finished)})
+             WHERE d.event_id = v.e AND d.hook_id = v.h AND d.claim_token = :token
+        """), {"rows": json.dumps(finished), "token": token})
     if retries:
         session.execute(sa.text("""
             UPDATE webhooks_delivery d
                SET due = now() + make_interval(secs => v.delay),
-                   last_status = v.status, last_error = v.error
+                   last_status = v.status, last_error = v.error, claim_token = NULL
               FROM jsonb_to_recordset(CAST(:rows AS jsonb))
                 AS v(e text, h text, delay float8, status int, error text)
-             WHERE d.event_id = v.e AND d.hook_id = v.h
-        """), {"rows": json.dumps(retries)})
+             WHERE d.event_id = v.e AND d.hook_id = v.h AND d.claim_token = :token
+        """), {"rows": json.dumps(retries), "token": token})
     doomed = []
     if per_hook:
         updated = session.execute(sa.text("""
@@ -432,18 +718,33 @@ def _record(jobs: list[_Job]) -> None:
                 doomed.append((row.id, "answered 410 Gone"))
             elif row.consecutive_4xx >= limit:
                 doomed.append((row.id, f"answered 4xx {row.consecutive_4xx} times in a row"))
-    for hook_id, reason in doomed:
-        _delete_hook(hook_id, reason)
     session.commit()
+    for hook_id, reason in sorted(doomed):
+        _delete_hook(hook_id, reason)
+        session.commit()
+
+
+def _report_lost(lost: list[_Job]) -> None:
+    """Outcomes of deliveries this worker no longer holds: deleted meanwhile
+    (their hook was deleted), or taken over after its lease ran out."""
+    taken = model.Session.execute(sa.text("""
+        SELECT count(*) FROM webhooks_delivery d
+          JOIN jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(e text, h text)
+            ON d.event_id = v.e AND d.hook_id = v.h
+    """), {"rows": json.dumps([{"e": job.event_id, "h": job.hook_id} for job in lost])}
+    ).scalar_one()
+    if taken:
+        log.warning("%d outcome(s) not recorded: another worker took the deliveries over "
+                    "after this one's lease ran out", taken)
 
 
 def attempt_row(hook_id: str, event_id: str, topic: str, attempt: int,
-                outcome: Outcome) -> dict:
+                outcome: Outcome, reason: Optional[str] = None) -> dict:
     """One delivery log entry, as :func:`log_attempts` takes it."""
     body = outcome.body.decode("utf-8", "replace").replace("\x00", "\ufffd") \
         if outcome.body else None  # text PostgreSQL can store
     return {"h": hook_id, "e": event_id, "t": topic, "n": attempt, "s": outcome.status,
-            "x": outcome.error, "d": int(outcome.duration * 1000), "r": body}
+            "x": outcome.error, "d": int(outcome.duration * 1000), "r": body, "why": reason}
 
 
 def log_attempts(rows: list[dict]) -> None:
@@ -451,10 +752,10 @@ def log_attempts(rows: list[dict]) -> None:
     caller's transaction."""
     model.Session.execute(sa.text("""
         INSERT INTO webhooks_attempt (hook_id, event_id, topic, at, attempt, status, error,
-                                      duration_ms, response)
-        SELECT v.h, v.e, v.t, now(), v.n, v.s, v.x, v.d, v.r
+                                      duration_ms, response, reason)
+        SELECT v.h, v.e, v.t, now(), v.n, v.s, v.x, v.d, v.r, v.why
           FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-            AS v(h text, e text, t text, n int, s int, x text, d int, r text)
+            AS v(h text, e text, t text, n int, s int, x text, d int, r text, why text)
          WHERE EXISTS (SELECT 1 FROM webhooks w WHERE w.id = v.h)
     """), {"rows": json.dumps(rows)})
 
@@ -479,12 +780,26 @@ def _host(address: str) -> str:
 
 def requeue(deliveries: Iterable[tuple[str, str]]) -> None:
     """Queue each (hook id, event id) delivery again, due now, and commit;
-    PostgreSQL notifies the workers' listeners when the transaction commits."""
-    for hook_id, event_id in deliveries:
-        model.Session.execute(sa.text("""
-            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due)
-            VALUES (:event_id, :hook_id, 0, now())
+    PostgreSQL notifies the workers' listeners when the transaction commits.
+
+    A delivery a worker holds right now is left to it (it is being sent: it
+    is not sent a second time at once; if it fails it is retried on the
+    schedule). Rows are locked in the order every writer uses: (event, hook).
+    """
+    for hook_id, event_id in sorted(set(deliveries), key=lambda d: (d[1], d[0])):
+        # As it was last sent (a visibility change may have turned it into a
+        # dataset/create or dataset/delete), for the hook's reader as it is now.
+        model.Session.execute(sa.text(f"""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience,
+                                           topic, reason)
+            SELECT :event_id, w.id, 0, now(), {audience.AUDIENCE_SQL}, a.topic, a.reason
+              FROM webhooks w LEFT JOIN LATERAL (
+                   SELECT topic, reason FROM webhooks_attempt
+                    WHERE hook_id = w.id AND event_id = :event_id
+                    ORDER BY at DESC LIMIT 1) a ON true
+             WHERE w.id = :hook_id
             ON CONFLICT (event_id, hook_id) DO UPDATE SET due = now()
+                WHERE webhooks_delivery.claim_token IS NULL
         """), {"event_id": event_id, "hook_id": hook_id})
     model.Session.execute(sa.text("SELECT pg_notify(:channel, '')"),
                           {"channel": NOTIFY_CHANNEL})
@@ -503,7 +818,9 @@ def prune() -> dict[str, int]:
     stale_days = float(_cfg("stale_after_days", 5))
     stale = session.execute(sa.text("""
         DELETE FROM webhooks
-         WHERE failing_since < now() - make_interval(secs => :secs)
+         WHERE id IN (SELECT id FROM webhooks
+                       WHERE failing_since < now() - make_interval(secs => :secs)
+                       ORDER BY id COLLATE "C" FOR UPDATE)
         RETURNING id, topic, address
     """), {"secs": stale_days * 86400}).all()
     for row in stale:

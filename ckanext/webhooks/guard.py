@@ -11,13 +11,23 @@ that is not globally routable (loopback, RFC 1918, link-local with cloud
 metadata, CGNAT, 0/8, documentation, benchmarking, reserved, 240/4,
 multicast, IPv6 unique-local and link-local) and IPv6 addresses that embed
 such an IPv4 address (mapped, NAT64, 6to4, Teredo).
+
+A name that cannot be resolved (no answer, a resolver error, or no answer
+within ``ckanext.webhooks.dns_timeout``) raises :class:`Unresolvable`: a
+network condition, not a verdict on the address. Deliveries retry it (error
+kind ``dns_error``); input validation refuses it like any other Refused.
+Deliveries resolve through :class:`Resolver`, off the sender's event loop.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
+import concurrent.futures
 import functools
 import ipaddress
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Optional
 from urllib.parse import urlsplit
@@ -35,6 +45,20 @@ _SPECIAL_USE_TLDS = {"localhost", "local", "internal", "intranet", "lan", "home"
 
 class Refused(ValueError):
     """The address must not be contacted; the message says why."""
+
+
+class Unresolvable(Refused):
+    """The host name could not be resolved now (the resolver failed, said
+    there is no such name, or did not answer in time). A Refused, so input
+    validation refuses such an address; deliveries retry it."""
+
+
+UNRESOLVABLE = "The host name could not be resolved"
+DNS_CACHE_SECONDS = 5.0  # positive answers only: a changed record is seen soon
+
+
+def dns_timeout() -> float:
+    return float(toolkit.config.get("ckanext.webhooks.dns_timeout") or 5)
 
 
 @dataclass(frozen=True)
@@ -185,20 +209,138 @@ def resolve(address: str, allowed: Optional[list] = None,
 
 def _resolve_host(host: str, port: int, allowed: list) -> tuple[IPAddress, ...]:
     literal = _ip_literal(host)
-    if literal is not None:
-        ips: list[IPAddress] = [literal]
-    else:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError):
-            raise Refused("The host name could not be resolved")
-        ips = []
-        for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-            if ip not in ips:
-                ips.append(ip)
-        if not ips:
-            raise Refused("The host name could not be resolved")
+    ips = [literal] if literal is not None else addresses_of(_lookup(host, port))
+    return checked(ips, allowed)
+
+
+def checked(ips, allowed: list) -> tuple[IPAddress, ...]:
+    """``ips`` if every one may be contacted; else Refused."""
     for ip in ips:  # one bad address refuses the name: rebinding tricks mix them
         check_ip(ip, allowed)
     return tuple(ips)
+
+
+def addresses_of(infos) -> list[IPAddress]:
+    """The distinct addresses of a getaddrinfo answer, in its order; an empty
+    answer is Unresolvable."""
+    ips: list[IPAddress] = []
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if ip not in ips:
+            ips.append(ip)
+    if not ips:
+        raise Unresolvable(UNRESOLVABLE)
+    return ips
+
+
+_sync_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_sync_pool_lock = threading.Lock()
+
+
+def _lookup(host: str, port: int):
+    """getaddrinfo for the blocking callers (input validation, the CLI), on a
+    thread so that it gives up after ``dns_timeout`` seconds."""
+    global _sync_pool
+    with _sync_pool_lock:
+        if _sync_pool is None:
+            _sync_pool = concurrent.futures.ThreadPoolExecutor(
+                4, thread_name_prefix="ckanext-webhooks-dns-sync")
+    future = _sync_pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(dns_timeout())
+    except concurrent.futures.TimeoutError:
+        raise Unresolvable(UNRESOLVABLE + " in time")
+    except (OSError, UnicodeError):  # socket.gaierror is an OSError
+        raise Unresolvable(UNRESOLVABLE)
+
+
+class Resolver:
+    """Name resolution for deliveries, inside an event loop.
+
+    * Off the loop: ``socket.getaddrinfo`` runs on threads of the resolver's
+      own (a test stand-in replaces it at the process level).
+    * One lookup per name at a time: every attempt that needs the name waits
+      for the lookup in flight, each only until its own timeout
+      (``timeout``, and never past the attempt's deadline). A hanging
+      resolver holds one thread per name, and delays that name's deliveries
+      only.
+    * A name whose lookup has timed out recently gets its next lookups on
+      two threads of its own (for ``slow_seconds``), so names that hang do
+      not take the threads of the others.
+    * Positive answers are cached for ``cache_seconds`` (a few seconds: a
+      fan-out to many hooks of one host asks once, and changes are seen
+      soon); failures are not cached.
+    """
+
+    def __init__(self, timeout: float = 5.0, cache_seconds: float = DNS_CACHE_SECONDS,
+                 threads: int = 16, slow_seconds: float = 60.0) -> None:
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self.slow_seconds = slow_seconds
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="ckanext-webhooks-dns")
+        self._slow_pool = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="ckanext-webhooks-dns-slow")
+        self._cache: "collections.OrderedDict[str, tuple[float, tuple]]" = \
+            collections.OrderedDict()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._slow: dict[str, float] = {}
+
+    async def target(self, parsed: tuple[str, str, int, str], allowed: list,
+                     deadline: Optional[float] = None) -> Target:
+        """The checked Target of a :func:`parse` result. Raises Refused, or
+        Unresolvable when the name cannot be resolved by ``deadline``
+        (``loop.time()``) or within ``timeout``."""
+        scheme, host, port, path = parsed
+        literal = _ip_literal(host)
+        ips = (literal,) if literal is not None else await self.addresses(host, port, deadline)
+        return Target(scheme, host, port, path, checked(ips, allowed))
+
+    async def addresses(self, host: str, port: int, deadline: Optional[float] = None
+                        ) -> tuple[IPAddress, ...]:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        cached = self._cache.get(host)
+        if cached is not None:
+            if cached[0] > now:
+                return cached[1]
+            del self._cache[host]
+        lookup = self._inflight.get(host)
+        if lookup is None:
+            pool = self._slow_pool if self._slow.get(host, 0.0) > now else self._pool
+            lookup = self._inflight[host] = loop.run_in_executor(
+                pool, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+            lookup.add_done_callback(functools.partial(self._looked_up, host))
+        wait = self.timeout if deadline is None else min(self.timeout, deadline - now)
+        try:
+            async with asyncio.timeout(max(0.0, wait)):
+                infos = await asyncio.shield(lookup)
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                raise  # the attempt's deadline, not the resolver's: a timeout
+            self._slow[host] = loop.time() + self.slow_seconds
+            raise Unresolvable(UNRESOLVABLE + " in time")
+        except (OSError, UnicodeError):
+            raise Unresolvable(UNRESOLVABLE)
+        return tuple(addresses_of(infos))
+
+    def _looked_up(self, host: str, lookup: asyncio.Future) -> None:
+        if self._inflight.get(host) is lookup:
+            del self._inflight[host]
+        if lookup.cancelled() or lookup.exception() is not None:
+            return
+        try:
+            ips = tuple(addresses_of(lookup.result()))
+        except (Unresolvable, ValueError):
+            return
+        now = asyncio.get_running_loop().time()
+        self._cache[host] = (now + self.cache_seconds, ips)
+        self._cache.move_to_end(host)
+        while len(self._cache) > 4096:
+            self._cache.popitem(last=False)
+        if len(self._slow) > 4096:
+            self._slow = {h: t for h, t in self._slow.items() if t > now}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._slow_pool.shutdown(wait=False, cancel_futures=True)

@@ -5,6 +5,8 @@
                        written in the same transaction as the change itself;
 ``webhooks_attempt``   the delivery log: every attempt, kept for
                        ``ckanext.webhooks.log_retention_days``;
+``webhooks_rendering`` each event as each audience's reader sees it, rendered
+                       once and shared by that audience's hooks;
 ``webhooks_delivery``  the durable delivery queue: one row per (event, hook)
                        still to be delivered, first attempts and retries alike.
                        Celery messages only tell workers to drain it, so a lost
@@ -38,14 +40,17 @@ class Webhook(toolkit.BaseModel):
     secret = Column(Text, nullable=True)
     # Whose read permissions apply to deliveries; NULL for anonymous hooks.
     user_id = Column(Text, nullable=True)
+    # The API token it was bound through: once revoked, the hook hears as anonymous.
+    token_id = Column(Text, nullable=True)
     # Optional filters: only events of this dataset / organization / group.
     dataset_id = Column(Text, nullable=True)
     organization_id = Column(Text, nullable=True)
     group_id = Column(Text, nullable=True)
     created = Column(DateTime(timezone=True), nullable=False, default=utcnow)
 
-    delivery_count = Column(Integer, nullable=False, default=0)
-    success_count = Column(Integer, nullable=False, default=0)
+    # 64-bit: a busy hook passes 2^31 attempts in a few years.
+    delivery_count = Column(BigInteger, nullable=False, default=0)
+    success_count = Column(BigInteger, nullable=False, default=0)
     last_delivery = Column(DateTime(timezone=True), nullable=True)
     last_status = Column(Integer, nullable=True)
     last_error = Column(Text, nullable=True)
@@ -77,11 +82,28 @@ class WebhookEvent(toolkit.BaseModel):
     data = Column(JSONB, nullable=True)
     # NULL until a worker has queued a delivery for every subscribed hook.
     fanned_out = Column(DateTime(timezone=True), nullable=True)
+    # Failed fan-outs; after too many the event is set aside (and reported).
+    fanout_attempts = Column(Integer, nullable=False, default=0)
+    set_aside = Column(DateTime(timezone=True), nullable=True)
 
     __table_args__ = (
         Index("webhooks_event_pending_idx", "created",
               postgresql_where=fanned_out.is_(None)),
     )
+
+
+class WebhookRendering(toolkit.BaseModel):
+    """An event as one audience's reader sees it (``data``), shared by all
+    hooks of that audience; while rendering fails, ``due`` says when to try again."""
+    __tablename__ = "webhooks_rendering"
+
+    event_id = Column(Text, ForeignKey("webhooks_event.id", ondelete="CASCADE"),
+                      primary_key=True)
+    audience = Column(Text, primary_key=True)  # '' = anonymous, else a user id
+    data = Column(JSONB, nullable=True)
+    attempts = Column(Integer, nullable=False, default=0)
+    due = Column(DateTime(timezone=True), nullable=True)
+    error = Column(Text, nullable=True)
 
 
 class WebhookDelivery(toolkit.BaseModel):
@@ -92,14 +114,24 @@ class WebhookDelivery(toolkit.BaseModel):
     hook_id = Column(Text, ForeignKey("webhooks.id", ondelete="CASCADE"),
                      primary_key=True)
     attempts = Column(Integer, nullable=False, default=0)
+    # Whose rendering it carries, and the topic and reason it is delivered as
+    # (a visibility change makes an update a dataset/create or dataset/delete).
+    audience = Column(Text, nullable=False, default="")
+    topic = Column(Text, nullable=True)
+    reason = Column(Text, nullable=True)
     # When the next attempt is due; also the lease end while a worker holds it.
     due = Column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # Set afresh by every claim, cleared when the outcome is recorded or the
+    # work handed back: only the holder of the token may record or renew.
+    claim_token = Column(Text, nullable=True)
     last_status = Column(Integer, nullable=True)
     last_error = Column(Text, nullable=True)
 
     __table_args__ = (
         Index("webhooks_delivery_due_idx", "due"),
         Index("webhooks_delivery_hook_idx", "hook_id"),
+        Index("webhooks_delivery_claim_idx", "claim_token",
+              postgresql_where=claim_token.isnot(None)),
     )
 
 
@@ -117,6 +149,7 @@ class WebhookAttempt(toolkit.BaseModel):
     duration_ms = Column(Integer, nullable=False)
     # The first max_response_bytes of the answer, as text.
     response = Column(Text, nullable=True)
+    reason = Column(Text, nullable=True)  # of a dataset/create or dataset/delete
 
     __table_args__ = (
         Index("webhooks_attempt_hook_idx", "hook_id", "at"),

@@ -7,6 +7,7 @@ import logging
 import math
 
 from . import dispatcher
+from .fanout import FANOUT_EVENTS, fan_out, pending_events
 from .celery_app import DRAIN, FANOUT, PRUNE, SWEEP, celery, send_drain, send_fanout
 
 log = logging.getLogger(__name__)
@@ -28,8 +29,8 @@ def _ask(count: int) -> None:
 
 @celery.task(name=FANOUT)
 def fanout() -> int:
-    events, queued = dispatcher.fan_out()
-    if events == dispatcher.FANOUT_EVENTS:  # more may be waiting
+    events, queued = fan_out()
+    if events == FANOUT_EVENTS:  # more may be waiting
         try:
             send_fanout()
         except Exception as error:  # noqa: BLE001 - the sweep will ask again
@@ -58,7 +59,7 @@ def drain() -> int:
 
 @celery.task(name=SWEEP)
 def sweep() -> None:
-    if dispatcher.pending_events(min_age=1.0):
+    if pending_events(min_age=1.0):
         log.info("sweep: events wait for a fan-out no notification asked for")
         send_fanout()
     due = dispatcher.due_count()

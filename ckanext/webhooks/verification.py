@@ -7,7 +7,10 @@ the same random value. The receiver proves it asked for the hook by answering
 2xx with the challenge as the body, either as plain text or as
 ``{"challenge": "<random>"}``. The challenge is fresh for every request and
 never stored, so it cannot be replayed. The request goes through the same
-SSRF guard, timeouts and size cap as deliveries.
+SSRF guard, timeouts and size cap as deliveries. A name that does not resolve
+now (within ``ckanext.webhooks.dns_timeout``) refuses the hook with a
+validation error (:class:`guard.Unresolvable`): this is input validation,
+whereas deliveries to a stored hook retry such a name (``dns_error``).
 """
 from __future__ import annotations
 

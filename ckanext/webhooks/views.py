@@ -13,6 +13,7 @@ from flask_wtf.csrf import ValidationError as CSRFInvalid, validate_csrf
 from ckan.plugins import toolkit
 
 from . import chart, ratelimit, report
+from .logic.auth import FORM_CONTEXT_KEY
 from .topics import TOPICS, all_topics
 
 _ = toolkit._
@@ -69,8 +70,10 @@ def _check_csrf_token():
 
 
 def _context() -> dict[str, Any]:
+    # Every POST here has passed the CSRF check above: a hook made by a
+    # logged-in visitor through these pages may be bound to them.
     return {"user": toolkit.current_user.name if toolkit.current_user.is_authenticated
-            else "", "auth_user_obj": toolkit.current_user}
+            else "", "auth_user_obj": toolkit.current_user, FORM_CONTEXT_KEY: True}
 
 
 def _private(response):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Optional
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -11,7 +11,7 @@ from ckan import model
 from ckan.plugins import toolkit
 
 from .. import guard, ids, payload, report, signing, verification
-from ..delivery import Outcome, web_sender
+from ..delivery import Request, web_sender
 from ..dispatcher import attempt_row, log_attempts, requeue
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
@@ -47,6 +47,7 @@ def _dictize(hook: Webhook) -> dict[str, Any]:
         "address": hook.address,
         "created": iso(hook.created),
         "signed": bool(hook.secret),
+        "reader": _reader(hook),
         "state": "failing" if hook.failing_since else "healthy",
         "filters": {"dataset": hook.dataset_id, "organization": hook.organization_id,
                     "group": hook.group_id},
@@ -102,6 +103,8 @@ def webhook_create(context, data_dict):
     :rtype: string
     """
     toolkit.check_access("webhook_create", context, data_dict)
+    csrf_field = toolkit.config.get("WTF_CSRF_FIELD_NAME") or "_csrf_token"
+    data_dict = {key: value for key, value in data_dict.items() if key != csrf_field}
     data = _validate(data_dict, schema.webhook_create_schema(), context)
     session = model.Session
     filters = {"dataset_id": data.get("dataset"), "organization_id": data.get("organization"),
@@ -120,7 +123,7 @@ def webhook_create(context, data_dict):
             verification.verify(data["address"], data["topic"])
         except (verification.Failed, guard.Refused) as failure:
             raise toolkit.ValidationError({"address": [str(failure)]})
-    user = context.get("auth_user_obj")
+    user_id, token_id = _bound_reader(context)
     hook = Webhook(
         id=ids.new_hook_id(),
         topic=data["topic"],
@@ -128,7 +131,8 @@ def webhook_create(context, data_dict):
         host=host,
         **filters,
         secret=data.get("secret"),
-        user_id=user.id if user is not None and getattr(user, "id", None) else None,
+        user_id=user_id,
+        token_id=token_id,
         created=utcnow(),
     )
     session.add(hook)
@@ -140,6 +144,51 @@ def webhook_create(context, data_dict):
     return hook.id
 
 
+def _bound_reader(context) -> tuple[Optional[str], Optional[str]]:
+    """(user id, API token id) whose view a new hook gets; (None, None) for anonymous.
+
+    Through the action API, a logged-in caller binds the hook with an API
+    token (remembered: revoking it makes the hook anonymous) or, with the
+    session cookie, only with CKAN's CSRF token (checked by the auth function).
+    """
+    user = context.get("auth_user_obj")
+    if user is None or not getattr(user, "id", None):
+        return None, None
+    token_id = _request_token_id()
+    token = model.Session.get(model.ApiToken, token_id) if token_id else None
+    return user.id, (token.id if token is not None and token.user_id == user.id else None)
+
+
+def _request_token_id() -> Optional[str]:
+    """The id (jti) of the API token this request was authenticated with, if any."""
+    from flask import g, has_request_context
+    if not has_request_context() or not g.get("login_via_auth_header"):
+        return None
+    raw = toolkit.request.headers.get(toolkit.config.get("apitoken_header_name")
+                                      or "Authorization", "")
+    if not raw:
+        return None
+    from ckan.lib import api_token
+    from ckan.plugins import PluginImplementations
+    from ckan.plugins.interfaces import IApiToken
+    data = api_token.decode(str(raw))
+    for plugin in reversed(list(PluginImplementations(IApiToken))):
+        if not data:
+            break
+        data = plugin.preprocess_api_token(data)
+    return (data or {}).get("jti")
+
+
+def _reader(hook: Webhook) -> Optional[str]:
+    """The user name whose view the hook gets, or None for anonymous."""
+    if not hook.user_id:
+        return None
+    if hook.token_id and model.Session.get(model.ApiToken, hook.token_id) is None:
+        return None  # its token was revoked: public data only
+    user = model.Session.get(model.User, hook.user_id)
+    return user.name if user is not None else None
+
+
 @toolkit.side_effect_free
 def webhook_show(context, data_dict):
     """Show a webhook and its delivery statistics.
@@ -149,6 +198,8 @@ def webhook_show(context, data_dict):
 
     :returns: the webhook: ``id``, ``topic``, ``address``, ``created``,
         ``signed`` (whether deliveries are signed; the secret is never shown),
+        ``reader`` (the name of the user whose view of the portal the hook
+        gets, or null: anonymous, public data only),
         ``filters`` (``dataset``, ``organization``, ``group`` ids or null)
         and ``statistics`` (``deliveries``, ``successes``, ``last_delivery``,
         ``last_status``, ``last_error``, ``consecutive_failures``,
@@ -259,7 +310,8 @@ def webhook_deliveries(context, data_dict):
     :returns: attempts: ``event_id``, ``topic``, ``at``, ``attempt`` (1 for a
         first attempt), ``status`` (HTTP status or null), ``error`` (``timeout``,
         ``connect_error``, ``connection_error``, ``tls_error``,
-        ``refused_address`` or null), ``duration_ms`` and ``response`` (the
+        ``refused_address``, ``dns_error``, ``internal_error`` or null),
+        ``duration_ms`` and ``response`` (the
         first 20 KB of the answer)
     :rtype: list of dictionaries
     """
@@ -294,13 +346,10 @@ def webhook_ping(context, data_dict):
     envelope = payload.event_envelope(
         _Ping(event_id), json.dumps({"id": hook.id, "topic": hook.topic}))
     body = payload.body_for(envelope, hook.id)
-    try:
-        target = guard.resolve(hook.address)
-    except guard.Refused:
-        outcome = Outcome(None, "refused_address", 0.0)
-    else:
-        outcome = web_sender().post(target, body.encode("utf-8"),
-                                    signing.headers(event_id, body, hook.secret))
+    # The sender resolves and checks the address (refused_address, or a
+    # dns_error when the name does not resolve now) and signs right before sending.
+    outcome = web_sender().post(Request(hook.address, body.encode("utf-8"), event_id,
+                                        signing.secrets_of(hook.secret)))
     log_attempts([attempt_row(hook.id, event_id, "ping", 1, outcome)])
     model.Session.commit()
     return {"event_id": event_id, "ok": outcome.ok, "status": outcome.status,
@@ -322,7 +371,7 @@ def webhook_redeliver(context, data_dict):
     was_sent = model.Session.query(WebhookAttempt.id).filter_by(
         hook_id=hook.id, event_id=data["event_id"]).first()
     event = model.Session.get(WebhookEvent, data["event_id"])
-    if not was_sent or event is None or event.data is None:
+    if not was_sent or event is None:
         raise toolkit.ObjectNotFound("No such past delivery for this webhook")
     requeue([(hook.id, event.id)])
 
@@ -335,3 +384,28 @@ class _Ping:
     def __init__(self, event_id: str) -> None:
         self.id = event_id
         self.created = utcnow()
+
+
+if not toolkit.check_ckan_version(min_version="2.12"):
+    # CKAN 2.11 writes an organization's bulk actions with one SQL UPDATE that
+    # IDomainObjectModification never sees (2.12 runs them through
+    # package_patch): record their events here, in the same transaction.
+    from ..capture import record_bulk_change
+
+    def _bulk(name: str, change: dict[str, Any]):
+        @toolkit.chained_action
+        def bulk_action(up_func, context, data_dict):
+            toolkit.check_access(name, context, data_dict)
+            record_bulk_change(data_dict.get("datasets") or [], data_dict.get("org_id"),
+                               change)
+            try:
+                return up_func(context, data_dict)  # commits the events with the change
+            except Exception:
+                model.Session.rollback()
+                raise
+        bulk_action.__name__ = bulk_action.__qualname__ = name
+        return bulk_action
+
+    bulk_update_public = _bulk("bulk_update_public", {"private": False})
+    bulk_update_private = _bulk("bulk_update_private", {"private": True})
+    bulk_update_delete = _bulk("bulk_update_delete", {"state": "deleted"})

@@ -44,6 +44,50 @@ def _meets_minimum(context: dict[str, Any]) -> dict[str, Any]:
             "msg": toolkit._("Webhooks on this portal need the role: %s") % level}
 
 
+# Set in the context by the extension's own pages, which check CSRF themselves.
+FORM_CONTEXT_KEY = "ckanext.webhooks.csrf_checked_form"
+
+
+def _api_call_by_cookie() -> bool:
+    """Is this an action API request authenticated by a browser's session
+    cookie alone (no API token)? Such a request could have been made by a page
+    on another site, riding on the visitor's login."""
+    from flask import g, has_request_context, request
+    if not has_request_context() or (request.endpoint or "").split(".")[0] != "api":
+        return False
+    return bool(toolkit.current_user.is_authenticated and not g.get("login_via_auth_header"))
+
+
+def _csrf_token_valid() -> bool:
+    from flask_wtf.csrf import ValidationError as CSRFInvalid, validate_csrf
+    request = toolkit.request
+    field = toolkit.config.get("WTF_CSRF_FIELD_NAME") or "_csrf_token"
+    token = (request.headers.get("X-CSRFToken") or request.headers.get("X-CSRF-Token")
+             or request.form.get(field))
+    try:
+        validate_csrf(token)
+    except CSRFInvalid:
+        return False
+    return True
+
+
+def webhook_create(context, data_dict):
+    """Anyone, subject to ckanext.webhooks.minimum_auth; but a call that would
+    bind the hook to a logged-in user through the session cookie alone must
+    carry CKAN's CSRF token (otherwise another site could make a visitor's
+    browser create a hook that hears that visitor's private datasets)."""
+    if not context.get(FORM_CONTEXT_KEY) and _api_call_by_cookie() \
+            and not _csrf_token_valid():
+        return {"success": False, "msg": toolkit._(
+            "A webhook_create call authenticated by a session cookie must carry the "
+            "CSRF token (X-CSRFToken header); use an API token instead")}
+    return _meets_minimum(context)
+
+
+# Run for sysadmins too: they are the users whose hooks would hear the most.
+webhook_create = toolkit.auth_sysadmins_check(toolkit.auth_allow_anonymous_access(webhook_create))
+
+
 def _capability(name: str):
     """Auth of an action that anyone holding a hook id (or, for create, anyone)
     may call, subject to ckanext.webhooks.minimum_auth."""
@@ -54,7 +98,6 @@ def _capability(name: str):
     return auth
 
 
-webhook_create = _capability("webhook_create")
 webhook_show = _capability("webhook_show")
 webhook_delete = _capability("webhook_delete")
 webhook_deliveries = _capability("webhook_deliveries")

@@ -24,17 +24,20 @@ NETGUARD = Path(__file__).parent / "netguard"
 
 
 def pytest_configure(config):
-    """Before CKAN's pytest plugin loads CKAN: the network guard (here and in
-    every process the suite starts) and the Solr stand-in."""
+    """Before CKAN's pytest plugin loads CKAN: the network guard and the DNS
+    stand-in (here and in every process the suite starts) and the Solr stand-in."""
     global _solr
     log = Path(tempfile.mkdtemp(prefix="webhooks-netguard-")) / "violations.log"
     os.environ["WEBHOOKS_NETGUARD_LOG"] = str(log)
+    standin = log.with_name("dns-standin.json")
+    standin.write_text("{}")
+    os.environ["WEBHOOKS_DNS_STANDIN"] = str(standin)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, str(NETGUARD))
     import sitecustomize  # noqa: F401 - installs the guard in this process
     sitecustomize.install()
-    _solr = processes.start_solr_standin()
+    _solr = processes.start_solr_standin(int(os.environ.get("WEBHOOKS_SOLR_PORT") or 18983))
 
 
 def pytest_sessionfinish(session, exitstatus):

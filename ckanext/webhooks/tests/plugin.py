@@ -1,6 +1,6 @@
 """A plugin of the test suite's own that uses all of IWebhooks: a topic of its
 own (organization/update, emitted when an organization is edited), a payload
-change, and a veto."""
+change, a veto, and a veto that raises (for addresses with ``/veto-raises``)."""
 from __future__ import annotations
 
 import ckan.plugins as plugins
@@ -25,4 +25,6 @@ class WebhooksTestPlugin(plugins.SingletonPlugin):
         return payload
 
     def webhooks_veto(self, payload, hook):
+        if "/veto-raises" in hook["address"]:  # a plugin's bug (test_ownership.py)
+            raise RuntimeError(f"test plugin failed for {hook['id']} at {hook['address']}")
         return "/vetoed" in hook["address"]

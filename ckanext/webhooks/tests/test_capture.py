@@ -74,7 +74,11 @@ class TestTopics:
         assert _events(n) == [("dataset/delete", dataset["id"])]
         event = model.Session.query(WebhookEvent).filter_by(topic="dataset/delete").one()
         assert event.snapshot["title"] == "Known title"
-        assert event.snapshot["_package"]["private"] is False
+        before = dict(event.snapshot["_before"])
+        assert before.pop("groups") == [org["id"]]  # its memberships, purged with it
+        assert before == {"state": "active", "private": False,
+                          "owner_org": org["id"], "name": dataset["name"]}
+        assert event.snapshot["_after"]["state"] == "purged"
 
     def test_drafts_send_nothing_until_active(self, org):
         dataset = factories.Dataset(owner_org=org["id"], state="draft")
@@ -88,7 +92,29 @@ class TestTopics:
         dataset = factories.Dataset(owner_org=org["id"], private=True)
         event = model.Session.query(WebhookEvent).one()
         assert event.object_id == dataset["id"]
-        assert event.snapshot["_package"]["private"] is True
+        assert event.snapshot["_before"] is None  # new: nobody saw it before
+        assert event.snapshot["_after"] == {"state": "active", "private": True,
+                                            "owner_org": org["id"], "name": dataset["name"]}
+
+    def test_visibility_before_and_after_a_change_are_captured(self, org):
+        dataset = factories.Dataset(owner_org=org["id"])
+        other = factories.Organization(image_url="")
+        group = factories.Group(image_url="")
+        n = len(_events())
+        helpers.call_action("package_patch", id=dataset["id"], private=True,
+                            owner_org=other["id"], name=dataset["name"] + "-renamed")
+        helpers.call_action("member_create", id=group["id"], object=dataset["id"],
+                            object_type="package", capacity="public")
+        first, second = model.Session.query(WebhookEvent).order_by(
+            WebhookEvent.created).all()[n:]
+        before = dict(first.snapshot["_before"])
+        assert before.pop("groups") == [org["id"]]  # CKAN keeps the organization as a member
+        assert before == {"state": "active", "private": False,
+                          "owner_org": org["id"], "name": dataset["name"]}
+        assert first.snapshot["_after"] == {"state": "active", "private": True,
+                                            "owner_org": other["id"],
+                                            "name": dataset["name"] + "-renamed"}
+        assert second.snapshot["_before"]["groups"] == [other["id"]]  # not yet the group
 
 
 @pytest.mark.usefixtures("clean_db", "with_plugins")

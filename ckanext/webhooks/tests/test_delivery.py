@@ -293,3 +293,221 @@ def test_header_injection_is_never_sent(server, headers):
     outcome = Sender(total_timeout=5).post(guard.resolve(srv.url(), ALLOWED), b"{}", headers)
     assert (outcome.status, outcome.error) == (None, "invalid_request")
     assert srv.connections == 0
+
+
+# --- fresh signatures, deadlines, isolation, DNS (the sender's own policy) ----------
+
+class SilentHosts:
+    """``count`` receivers on 127.0.0.2 (a port each) that take requests and
+    never answer; one thread for all. Records requests and closed connections."""
+
+    def __init__(self, count: int):
+        import selectors
+        self.selector = selectors.DefaultSelector()
+        self.listeners = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.2", 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, "listen")
+            self.listeners.append(sock)
+        self.requests = 0
+        self.closed = 0
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def urls(self, path="/slow"):
+        return [f"http://127.0.0.2:{s.getsockname()[1]}{path}" for s in self.listeners]
+
+    def _run(self):
+        import selectors
+        while not self._stop:
+            for key, _ in self.selector.select(0.2):
+                if key.data == "listen":
+                    try:
+                        conn, _ = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    self.selector.register(conn, selectors.EVENT_READ, "conn")
+                    continue
+                try:
+                    data = key.fileobj.recv(65536)
+                except OSError:
+                    data = b""
+                if data.startswith(b"POST "):
+                    self.requests += 1
+                if not data:
+                    self.closed += 1
+                    self.selector.unregister(key.fileobj)
+                    key.fileobj.close()
+
+    def close(self):
+        self._stop = True
+        for sock in self.listeners:
+            sock.close()
+
+
+def _recording_server(server, hold_first: float = 0.0):
+    """A receiver recording (request, receipt time); it holds its first answer
+    ``hold_first`` seconds (a slow receiver)."""
+    seen = []
+
+    def behaviour(conn):
+        while True:
+            data = _read_request(conn)
+            if not data:
+                return
+            seen.append((data, time.time()))
+            if len(seen) == 1 and hold_first:
+                time.sleep(hold_first)
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    return server(behaviour), seen
+
+
+def _headers_of(raw: bytes) -> tuple[dict, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")[1:]
+    return {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}, body
+
+
+def test_signature_is_made_when_the_request_is_sent(server):
+    """Point 3: a request that waited behind a slow answer of the same
+    receiver carries the timestamp of its sending, not of its submission."""
+    import base64
+    import os
+    from standardwebhooks.webhooks import Webhook
+    from ckanext.webhooks.delivery import Request
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    srv, seen = _recording_server(server, hold_first=3.0)
+    sender = Sender(total_timeout=10, per_host=1, slow_lane_per_host=1)
+    target = guard.resolve(srv.url(), ALLOWED)
+    submitted = time.time()
+    outcomes = sender.post_many([Request(target, b'{"n": 1}', "msg_first", (secret,)),
+                                 Request(target, b'{"n": 2}', "msg_second", (secret,))])
+    assert [o.status for o in outcomes] == [204, 204]
+    (first, _), (second, received) = seen
+    assert received - submitted >= 2.5, "the second request did not wait: nothing tested"
+    headers, body = _headers_of(second)
+    assert headers["webhook-id"] == "msg_second"
+    assert abs(int(headers["webhook-timestamp"]) - received) <= 1.5
+    assert int(headers["webhook-timestamp"]) >= int(submitted) + 2
+    Webhook(secret).verify(body, headers)  # the signature covers the fresh timestamp
+
+
+def test_signing_with_several_secrets():
+    import base64
+    import os
+    from standardwebhooks.webhooks import Webhook
+    from ckanext.webhooks import signing
+    old, new = ("whsec_" + base64.b64encode(os.urandom(32)).decode() for _ in range(2))
+    headers = signing.headers("msg_x", b'{"a": 1}', [old, new])
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):
+        Webhook(secret).verify(b'{"a": 1}', headers)
+    assert "webhook-signature" not in signing.headers("msg_x", b"{}", None)
+
+
+def test_waiting_for_a_slot_past_the_deadline_is_a_timeout_never_sent():
+    """Every wait is inside the attempt's deadline: requests queued behind a
+    silent receiver end as timeouts without being sent."""
+    hosts = SilentHosts(1)
+    try:
+        sender = Sender(total_timeout=1.5, per_host=1, slow_lane_per_host=1)
+        target = guard.resolve(hosts.urls()[0], ALLOWED)
+        outcomes = sender.post_many([(target, b"{}", {}) for _ in range(3)])
+        assert [o.error for o in outcomes] == ["timeout"] * 3
+        assert hosts.requests == 1  # the other two never left
+    finally:
+        hosts.close()
+
+
+def test_a_request_that_cannot_be_signed_or_built_fails_alone(server):
+    """Point 4: an exception while preparing or signing one request is that
+    request's outcome; the others of the batch are sent."""
+    import base64
+    import os
+    from ckanext.webhooks.delivery import Request
+    srv, seen = _recording_server(server)
+    target = guard.resolve(srv.url(), ALLOWED)
+    good = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    outcomes = Sender(total_timeout=5).post_many([
+        Request(target, b"{}", "msg_bad", ("whsec_not-base64!",)),
+        object(),  # not a request at all
+        Request(target, b"{}", "msg_good", (good,)),
+    ])
+    assert [(o.status, o.error) for o in outcomes] == [
+        (None, "internal_error"), (None, "internal_error"), (204, None)]
+    assert len(seen) == 1 and b"msg_good" in seen[0][0]
+
+
+def test_slow_receivers_do_not_delay_proven_ones():
+    """Point 1: a receiver that answered promptly is served while 150
+    requests to 50 silent receivers (many more than the pool's 16 slots,
+    submitted first) are still on the wire."""
+    hosts = SilentHosts(50)
+    answered = []
+
+    def fast(conn):
+        while _read_request(conn):
+            answered.append(hosts.closed)  # slow connections closed by then
+            conn.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+    srv = RawServer(fast)
+    try:
+        sender = Sender(total_timeout=5, concurrency=16, per_host=4)
+        ok = guard.resolve(srv.url(), ALLOWED)
+        assert sender.post(ok, b"{}", {}).status == 204  # proven
+        slow = [guard.resolve(url, ALLOWED) for url in hosts.urls()]
+        future = sender.submit([(t, b"{}", {}) for t in slow for _ in range(3)]
+                               + [(ok, b"{}", {}) for _ in range(20)])
+        outcomes = future.result()
+        assert [o.status for o in outcomes[-20:]] == [204] * 20
+        assert {o.error for o in outcomes[:-20]} == {"timeout"}
+        assert hosts.requests > 0, "no slow request was sent: nothing tested"
+        assert answered[1:] == [0] * 20  # every healthy answer before any slow one ended
+        assert sender.slow_hosts() == frozenset({"127.0.0.2"})
+    finally:
+        hosts.close()
+        srv.close()
+
+
+def test_resolution_failures_hangs_and_refused_names(server):
+    """Point 5, in the sender: a name that does not resolve is a dns_error
+    (retryable), whatever the resolver said; a hanging resolver delays only
+    its own name (one lookup in flight per name); a name resolving to a
+    refused address is refused_address. Names are answered by the test DNS
+    stand-in (tests/netguard/sitecustomize.py, driven by tests/dns_standin.py):
+    no query leaves the machine."""
+    from . import dns_standin as dns
+    srv, seen = _recording_server(server)
+    down, missing, hangs, evil, ok = (dns.name(n) for n in
+                                      ("down", "missing", "hangs", "evil", "ok"))
+    dns.fail(down, "EAI_AGAIN")
+    dns.hang(hangs)
+    dns.answer(evil, "127.0.0.1")
+    dns.answer(ok, "127.0.0.2")
+    sender = Sender(total_timeout=5, dns_timeout=1, allowed_networks=ALLOWED)
+    try:
+        def url(host):
+            return f"http://{host}:{srv.port}/x"
+        future = sender.submit([(url(hangs), b"{}", {}) for _ in range(3)]
+                               + [(url(h), b"{}", {}) for h in (down, missing, evil, ok)])
+        hung, hung2, hung3, failed, unknown, refused, fine = future.result()
+        assert fine.status == 204
+        assert dns.lookups(hangs) == [("start", "")]  # still hanging: one lookup, not three
+        assert {hung.error, hung2.error, hung3.error} == {"dns_error"}
+        assert (failed.error, unknown.error, refused.error) == \
+            ("dns_error", "dns_error", "refused_address")
+        assert len(seen) == 1 and seen[0][0].startswith(b"POST /x")
+        assert f"Host: {ok}:{srv.port}".encode() in seen[0][0]
+        assert sender.post(url(ok), b"{}").status == 204
+        assert [kind for kind, _ in dns.lookups(ok)] == ["start", "end"]  # cached
+        dns.answer(hangs, "127.0.0.2")  # the resolver recovers
+        assert sender.post(url(hangs), b"{}").status == 204
+        with pytest.raises(guard.Unresolvable):
+            guard.resolve(url(down), ALLOWED)  # input validation refuses it
+    finally:
+        dns.answer(hangs, "127.0.0.2")
+        sender.close()

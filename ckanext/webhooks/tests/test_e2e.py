@@ -75,17 +75,30 @@ class TestDelivery:
                   "resource/create", "resource/update", "resource/delete"]
         for topic in topics:
             anon.action.webhook_create(topic=topic, address=receiver.url("/" + topic))
-        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
-        admin.action.package_patch(id=dataset["id"], title="Changed")
-        resource = admin.action.resource_create(package_id=dataset["id"], url="http://a.test/r")
-        admin.action.resource_patch(id=resource["id"], name="renamed")
-        admin.action.resource_delete(id=resource["id"])
-        admin.action.package_delete(id=dataset["id"])
+        expected: dict = {}
 
-        expected = {"/dataset/create": 1, "/dataset/update": 4, "/dataset/delete": 1,
-                    "/resource/create": 1, "/resource/update": 1, "/resource/delete": 1}
-        receiver.wait_for(lambda rs: all(
-            sum(r.path == p for r in rs) >= n for p, n in expected.items()))
+        def then_expect(**arrivals):
+            # Each change is awaited before the next: an update fanned out
+            # after the dataset was deleted is (rightly) withheld from readers
+            # who can no longer see it.
+            for topic, count in arrivals.items():
+                path = "/" + topic.replace("_", "/", 1)
+                expected[path] = expected.get(path, 0) + count
+            receiver.wait_for(lambda rs: all(
+                sum(r.path == p for r in rs) >= n for p, n in expected.items()))
+
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        then_expect(dataset_create=1)
+        admin.action.package_patch(id=dataset["id"], title="Changed")
+        then_expect(dataset_update=1)
+        resource = admin.action.resource_create(package_id=dataset["id"], url="http://a.test/r")
+        then_expect(resource_create=1, dataset_update=1)
+        admin.action.resource_patch(id=resource["id"], name="renamed")
+        then_expect(resource_update=1, dataset_update=1)
+        admin.action.resource_delete(id=resource["id"])
+        then_expect(resource_delete=1, dataset_update=1)
+        admin.action.package_delete(id=dataset["id"])
+        then_expect(dataset_delete=1)
         time.sleep(1.5)  # nothing more may arrive
         for path, count in expected.items():
             bodies = [_validate(r) for r in receiver.on(path)]
@@ -93,7 +106,9 @@ class TestDelivery:
             assert {b["topic"] for b in bodies} == {path[1:]}
         assert receiver.on("/resource/update")[0].json["data"]["name"] == "renamed"
         assert receiver.on("/resource/delete")[0].json["data"]["id"] == resource["id"]
-        assert receiver.on("/dataset/delete")[0].json["data"]["state"] == "deleted"
+        deleted = receiver.on("/dataset/delete")[0].json
+        assert deleted["data"] == {"id": dataset["id"], "name": dataset["name"]}
+        assert deleted["reason"] == "deleted"
         event_ids = [r.json["event_id"] for r in receiver.requests]
         assert len(event_ids) == len(set(event_ids))
 

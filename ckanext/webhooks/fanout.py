@@ -1,0 +1,296 @@
+"""Fan-out: from a committed event to one queued delivery per hook, each for
+its own reader.
+
+For every event, the hooks that may hear it are grouped by audience (their
+reader: anonymous, or the user each is bound to; see :mod:`audience`). For
+each audience, CKAN's own authorization decides whether the reader could see
+the dataset before the change and can see it after (the states captured with
+the event), and the entity is rendered once, with ``package_show`` /
+``resource_show`` in that reader's context: every hook of the audience shares
+that rendering (``webhooks_rendering``). Then one ``INSERT ... SELECT`` queues
+the deliveries, per hook:
+
+* seen before and after: the event as it is (``dataset/update``);
+* seen before, not after (made private, deleted, purged, moved to another
+  organization, moved out of the hook's filter): a ``dataset/delete`` with
+  only ``id`` and ``name`` and a ``reason``;
+* seen after, not before: a ``dataset/create`` with the reader's rendering.
+
+Fail closed: if rendering raises for a reader, that audience gets nothing now;
+it is tried again on the retry schedule, then given up and logged. Each event
+fans out in a savepoint of its own, so a failing event delays no other; one
+that keeps failing is set aside after ``MAX_FANOUT_ATTEMPTS``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import Optional
+
+import sqlalchemy as sa
+
+from ckan import model
+
+from . import audience, topics
+from .dispatcher import retry_schedule
+from .ids import fingerprint
+from .model import WebhookEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+FANOUT_EVENTS = 100  # events a fan-out task takes at a time
+MAX_FANOUT_ATTEMPTS = 5
+DATASET_TOPICS = [topics.DATASET_CREATE, topics.DATASET_UPDATE, topics.DATASET_DELETE]
+ACTIVE = "active"
+
+
+def fan_out(limit: int = FANOUT_EVENTS) -> tuple[int, int]:
+    """Fan out committed events no worker has taken yet, then renderings whose
+    retry is due. Returns (events fanned out, deliveries queued)."""
+    session = model.Session
+    events = session.scalars(
+        sa.select(WebhookEvent).where(WebhookEvent.fanned_out.is_(None))
+        .order_by(WebhookEvent.created).limit(limit).with_for_update(skip_locked=True)).all()
+    queued = 0
+    for event in events:
+        try:
+            with session.begin_nested():
+                queued += _fan_out_event(event)
+            event.fanned_out = utcnow()
+        except Exception:  # noqa: BLE001 - this event only; the others go on
+            event.fanout_attempts += 1
+            log.exception("fan-out of event %s failed (attempt %d)", event.id,
+                          event.fanout_attempts)
+            if event.fanout_attempts >= MAX_FANOUT_ATTEMPTS:
+                log.error("event %s set aside after %d failed fan-outs", event.id,
+                          event.fanout_attempts)
+                event.set_aside = event.fanned_out = utcnow()
+    session.commit()
+    queued += _retry_renderings(limit)
+    return len(events), queued
+
+
+def pending_events(min_age: float) -> bool:
+    """Are there committed events older than ``min_age`` seconds not fanned out,
+    or renderings due again?"""
+    return bool(model.Session.execute(sa.text("""
+        SELECT 1 FROM webhooks_event
+         WHERE fanned_out IS NULL AND created <= now() - make_interval(secs => :age)
+        UNION ALL
+        SELECT 1 FROM webhooks_rendering WHERE due <= now()
+        LIMIT 1
+    """), {"age": min_age}).first())
+
+
+# --- one event ----------------------------------------------------------------
+
+def _fan_out_event(event: WebhookEvent, only: Optional[str] = None) -> int:
+    """Queue the deliveries of one event (of one audience only, on a retry)."""
+    kind = topics.object_type(event.topic) if event.topic in topics.TOPICS else None
+    if kind is None:
+        return _fan_out_plugin_event(event)
+    snapshot = event.snapshot or {}
+    before, after = snapshot.get("_before"), snapshot.get("_after") or {}
+    groups_after = _groups(event.package_id)
+    groups_before = (before or {}).get("groups", groups_after)
+    hook_topics = DATASET_TOPICS if kind == "dataset" else [event.topic]
+    where = {"topics": hook_topics, "pkg": event.package_id,
+             "org_before": (before or {}).get("owner_org"), "org_after": after.get("owner_org"),
+             "groups_before": groups_before, "groups_after": groups_after, "only": only}
+    audiences = model.Session.execute(sa.text(f"""
+        SELECT audience, array_agg(DISTINCT topic) AS topics FROM ({_HOOKS}) h
+         GROUP BY audience
+    """), where).all()
+    names = audience.reader_names(a.audience for a in audiences)
+    decisions = []
+    for row in audiences:
+        decision = _decide(event, kind, row.audience, names[row.audience], row.topics,
+                           before, after)
+        if decision is not None:
+            decisions.append(decision)
+    if not decisions:
+        return 0
+    return model.Session.execute(sa.text(f"""
+        WITH d AS (SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
+                     AS d(audience text, vb bool, va bool)),
+             x AS (SELECT h.id, h.topic AS hook_topic, h.audience, d.vb, d.va,
+                          d.vb AND h.mb AS ib, d.va AND h.ma AS ia
+                     FROM ({_HOOKS}) h JOIN d ON d.audience = h.audience)
+        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic,
+                                       reason)
+        SELECT :event_id, id, 0, now(), audience, hook_topic,
+               CASE WHEN hook_topic = 'dataset/delete' THEN
+                      CASE WHEN :after_state = 'deleted' THEN 'deleted'
+                           WHEN :after_state = 'purged' THEN 'purged'
+                           WHEN va THEN 'filtered_out' ELSE 'hidden' END
+                    WHEN hook_topic = 'dataset/create' THEN
+                      CASE WHEN :before_state = 'deleted' THEN 'restored'
+                           WHEN :before_state IS DISTINCT FROM 'active' THEN 'created'
+                           WHEN vb THEN 'filtered_in' ELSE 'visible' END END
+          FROM x
+         WHERE CASE WHEN :kind = 'resource' THEN hook_topic = :event_topic
+                         AND CASE WHEN :event_topic = 'resource/delete' THEN ib ELSE ia END
+                    WHEN hook_topic = 'dataset/update' THEN
+                         ib AND ia AND :event_topic = 'dataset/update'
+                    WHEN hook_topic = 'dataset/delete' THEN ib AND NOT ia
+                    ELSE ia AND NOT ib END
+        ON CONFLICT DO NOTHING
+    """), {**where, "decisions": json.dumps(decisions), "event_id": event.id,
+           "kind": kind, "event_topic": event.topic,
+           "after_state": after.get("state"),
+           "before_state": (before or {}).get("state")}).rowcount
+
+
+# The hooks that may hear an event: right topic, reader still active, and the
+# hook's filters match the dataset as it was before or as it is after.
+_FILTER = """((w.dataset_id IS NULL OR w.dataset_id = :pkg)
+      AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{0} AS text))
+      AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups_{0} AS text[]))))"""
+_HOOKS = f"""
+    SELECT w.id, w.topic, {audience.AUDIENCE_SQL} AS audience,
+           {_FILTER.format("before")} AS mb, {_FILTER.format("after")} AS ma
+      FROM webhooks w
+     WHERE w.topic = ANY(CAST(:topics AS text[])) AND {audience.READER_ACTIVE_SQL}
+       AND ({_FILTER.format("before")} OR {_FILTER.format("after")})
+       AND (CAST(:only AS text) IS NULL OR {audience.AUDIENCE_SQL} = :only)"""
+
+
+def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list[str],
+            before: Optional[dict], after: dict) -> Optional[dict]:
+    """Could ``reader`` see the entity before (vb) and after (va) the change?
+    Renders it for them when a hook of theirs needs the body. None: nothing
+    for this audience now (withheld, or rendering failed and will be retried)."""
+    if reader is None:
+        return None
+    package_id = event.package_id
+    before_active = before is not None and before.get("state") == ACTIVE
+    after_active = after.get("state") == ACTIVE
+    if kind == "dataset":
+        vb = before_active and audience.may_read(reader, "package_show", package_id,
+                                                 state=before)
+        va = after_active and audience.may_read(reader, "package_show", package_id,
+                                                state=after)
+        needs_body = va and bool({topics.DATASET_CREATE, topics.DATASET_UPDATE}
+                                 & set(hook_topics))
+        action = "package_show"
+    else:
+        deleting = event.topic == topics.RESOURCE_DELETE
+        vb = deleting and before_active and audience.may_read(
+            reader, "resource_show", event.object_id, package_id, state=before)
+        va = not deleting and after_active and audience.may_read(
+            reader, "package_show", package_id, state=after)
+        needs_body = va
+        action = "resource_show"
+    if needs_body:
+        # The change as captured is visible to the reader; is it still, now
+        # that it is rendered? If not, a later event tells them (never widen).
+        if not audience.may_read(reader, action, event.object_id, package_id):
+            return None
+        try:
+            with model.Session.begin_nested():
+                data = audience.render(action, event.object_id, reader)
+        except audience.RenderingFailed as failure:
+            _rendering_failed(event, key, str(failure))
+            return None
+        _store_rendering(event.id, key, data)
+    return {"audience": key, "vb": bool(vb), "va": bool(va)}
+
+
+def _fan_out_plugin_event(event: WebhookEvent) -> int:
+    """A plugin's own topic: its data, to every hook of the topic (the plugin
+    vetoes what must not be heard; a dataset's visibility is checked at delivery)."""
+    known = (event.snapshot or {}).get("_after") or {}
+    return model.Session.execute(sa.text(f"""
+        INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic)
+        SELECT :event_id, w.id, 0, now(), {audience.AUDIENCE_SQL}, :topic FROM webhooks w
+         WHERE w.topic = :topic AND {audience.READER_ACTIVE_SQL}
+           AND (w.dataset_id IS NULL OR w.dataset_id = :package_id)
+           AND (w.organization_id IS NULL OR w.organization_id = :owner_org)
+           AND (w.group_id IS NULL OR w.group_id IN (
+                SELECT group_id FROM member
+                 WHERE table_name = 'package' AND table_id = :package_id
+                   AND state = 'active'))
+        ON CONFLICT DO NOTHING
+    """), {"event_id": event.id, "topic": event.topic, "package_id": event.package_id,
+           "owner_org": known.get("owner_org")}).rowcount
+
+
+def _groups(package_id: Optional[str]) -> list[str]:
+    if not package_id:
+        return []
+    return list(model.Session.execute(sa.text(
+        "SELECT group_id FROM member WHERE table_name = 'package' AND table_id = :id "
+        "AND state = 'active'"), {"id": package_id}).scalars())
+
+
+# --- renderings ---------------------------------------------------------------
+
+def _store_rendering(event_id: str, key: str, data: dict) -> None:
+    model.Session.execute(sa.text("""
+        INSERT INTO webhooks_rendering (event_id, audience, data, attempts, due, error)
+        VALUES (:e, :a, CAST(:data AS jsonb), 0, NULL, NULL)
+        ON CONFLICT (event_id, audience) DO UPDATE
+           SET data = EXCLUDED.data, due = NULL, error = NULL
+    """), {"e": event_id, "a": key, "data": json.dumps(data, default=str)})
+
+
+def _rendering_failed(event, key: str, error: str) -> None:
+    """Note the failure; the audience is tried again on the retry schedule."""
+    row = model.Session.execute(sa.text("""
+        INSERT INTO webhooks_rendering (event_id, audience, attempts, error)
+        VALUES (:e, :a, 1, :error)
+        ON CONFLICT (event_id, audience) DO UPDATE
+           SET attempts = webhooks_rendering.attempts + 1, error = :error
+        RETURNING attempts
+    """), {"e": event.id, "a": key, "error": error}).one()
+    schedule = retry_schedule()
+    if row.attempts < len(schedule):
+        delay = schedule[row.attempts] * random.uniform(1.0, 1.2)
+        model.Session.execute(sa.text("""
+            UPDATE webhooks_rendering SET due = now() + make_interval(secs => :delay)
+             WHERE event_id = :e AND audience = :a
+        """), {"e": event.id, "a": key, "delay": max(delay, 1.0)})
+        log.warning("event %s could not be rendered for a reader (attempt %d, %s); "
+                    "their hooks wait", event.id, row.attempts, error)
+        return
+    model.Session.execute(sa.text("""
+        UPDATE webhooks_rendering SET due = NULL WHERE event_id = :e AND audience = :a
+    """), {"e": event.id, "a": key})
+    log.error("gave up rendering event %s for a reader after %d attempts (%s); "
+              "hooks that get nothing: %s", event.id, row.attempts, error,
+              ", ".join(_fingerprints(event, key)) or "none")
+
+
+def _fingerprints(event, key: str) -> list[str]:
+    rows = model.Session.execute(sa.text(f"""
+        SELECT w.id FROM webhooks w WHERE {audience.AUDIENCE_SQL} = :a
+           AND (w.dataset_id IS NULL OR w.dataset_id = :pkg) LIMIT 50
+    """), {"a": key, "pkg": event.package_id}).scalars()
+    return [fingerprint(hook_id) for hook_id in rows]
+
+
+def _retry_renderings(limit: int) -> int:
+    """Fan out again, for its audience only, each event whose rendering failed
+    and is due to be tried again."""
+    session = model.Session
+    due = session.execute(sa.text("""
+        SELECT event_id, audience FROM webhooks_rendering
+         WHERE due <= now() ORDER BY due LIMIT :limit FOR UPDATE SKIP LOCKED
+    """), {"limit": limit}).all()
+    queued = 0
+    for row in due:
+        session.execute(sa.text("""
+            UPDATE webhooks_rendering SET due = NULL
+             WHERE event_id = :e AND audience = :a
+        """), {"e": row.event_id, "a": row.audience})
+        event = session.get(WebhookEvent, row.event_id)
+        try:
+            with session.begin_nested():
+                queued += _fan_out_event(event, only=row.audience)
+        except Exception:  # noqa: BLE001 - counted as a failed rendering
+            log.exception("fan-out retry of event %s failed", row.event_id)
+            _rendering_failed(event, row.audience, "fan-out failed")
+    session.commit()
+    return queued
+

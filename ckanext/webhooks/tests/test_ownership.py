@@ -1,0 +1,344 @@
+"""Owned delivery: a claimed delivery belongs to one worker until that worker
+records it or dies. Real workers, receivers and PostgreSQL: leases renewed
+under answers that outlast them, a stuck worker's late outcomes left alone,
+a plugin failing for one delivery, overlapping batches recorded at once, and
+workers stopped with SIGTERM in the middle of a fan-out.
+
+"Nothing more arrives" is shown, never waited for: the queue table is empty
+(nothing is left that could be sent) and every attempt is in the log."""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from ckan import model
+from ckan.tests import factories
+
+from . import processes
+from .test_chaos import FAST, _add_hooks, _pending, _queue, _update
+
+pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
+
+
+@pytest.fixture
+def dataset(with_plugins, organization):
+    return factories.Dataset(owner_org=organization["id"])
+
+
+def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(interval)
+
+
+def _queue_empty() -> bool:
+    return _pending() == 0
+
+
+def _hooks(ids: list[str]) -> dict[str, tuple[int, int]]:
+    """hook id -> (delivery_count, success_count)."""
+    with model.meta.engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT id, delivery_count, success_count FROM webhooks WHERE id = ANY(:ids)"),
+            {"ids": ids}).all()
+    return {row.id: (row.delivery_count, row.success_count) for row in rows}
+
+
+def _attempts(ids: list[str]) -> collections.Counter:
+    """(hook id, event id) -> attempts in the delivery log."""
+    with model.meta.engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT hook_id, event_id FROM webhooks_attempt WHERE hook_id = ANY(:ids)"),
+            {"ids": ids}).all()
+    return collections.Counter((row.hook_id, row.event_id) for row in rows)
+
+
+def _receipts(receiver, prefix: str) -> collections.Counter:
+    """(path, webhook-id) -> times received."""
+    return collections.Counter((r.path, r.headers["webhook-id"]) for r in receiver.requests
+                               if r.path.startswith(prefix))
+
+
+def _claim_tokens() -> list:
+    with model.meta.engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT DISTINCT claim_token FROM webhooks_delivery")).scalars().all()
+
+
+def _signal_group(proc: processes.Process, sig: int) -> None:
+    os.killpg(proc.proc.pid, sig)
+
+
+# --- point 2: a lease never runs out under work still within its deadline ------
+
+def test_answers_outlasting_the_lease_arrive_exactly_once(private_stack, receiver, dataset):
+    """The receiver answers after 4 s, the lease is 1 s, the timeout 10 s: two
+    workers (four processes) are there to take over any lease that ran out,
+    yet every hook receives its delivery once: the lease is renewed while the
+    requests are on the wire."""
+    receiver.delay_for["/slow"] = 4.0
+    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "1",
+                "ckanext.webhooks.timeout": "10", "ckanext.webhooks.batch_size": "4"}
+    _, ini, first = private_stack(settings, web=False)
+    second = processes.start_worker(ini, concurrency=2, name="worker-second")
+    try:
+        hooks = _add_hooks(receiver, 12, "/slow")
+        _update(dataset["id"])
+        receiver.wait_for(lambda rs: len({r.path for r in rs}) >= 12, timeout=30)
+        # Recorded only after the answers, 4 lease lengths later: until then
+        # any due row would be claimed by one of the four idle processes.
+        _wait(_queue_empty, 30, "the deliveries were recorded")
+        receipts = _receipts(receiver, "/slow")
+        print(f"\nanswers after 4 s, lease 1 s: {len(receipts)} deliveries, "
+              f"{sum(receipts.values())} receipts")
+        assert len(receipts) == 12 and set(receipts.values()) == {1}
+        assert set(_attempts(hooks).values()) == {1}
+        assert set(_hooks(hooks).values()) == {(1, 1)}
+    finally:
+        second.stop()
+
+
+# --- point 2: a worker that lost its lease never overwrites --------------------
+
+def test_a_stuck_workers_late_outcomes_are_not_recorded(private_stack, receiver, dataset):
+    """Worker A sends, then is frozen (SIGSTOP) past its lease; worker B takes
+    the deliveries over and sends them again (A may have died, for all B
+    knows). A wakes up while B's requests are on the wire and tries to record
+    its own outcomes: it finds the rows carrying B's token and leaves them,
+    and the hooks' statistics, to B."""
+    receiver.delay_for["/late"] = 5.0
+    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "2",
+                "ckanext.webhooks.timeout": "20"}
+    _, ini, worker_a = private_stack(settings, web=False)
+    worker_b = None
+    hooks = _add_hooks(receiver, 8, "/late")
+    try:
+        _update(dataset["id"])
+        receiver.wait_for(lambda rs: len(rs) >= 8, timeout=30)
+        _signal_group(worker_a, signal.SIGSTOP)  # before its answers come back
+        [token_a] = _claim_tokens()
+        worker_b = processes.start_worker(ini, concurrency=1, name="worker-b")
+        receiver.wait_for(lambda rs: len(rs) >= 16, timeout=30)  # B sent them again
+        [token_b] = _claim_tokens()
+        assert token_b not in (None, token_a)
+        _signal_group(worker_a, signal.SIGCONT)  # while B waits for its answers
+        _wait(lambda: "another worker took the deliveries over" in worker_a.output(), 30,
+              "worker A tried to record and found the deliveries taken over")
+        _wait(_queue_empty, 30, "worker B recorded the deliveries")
+        receipts = _receipts(receiver, "/late")
+        print(f"\nstuck worker: {len(receipts)} deliveries, {sum(receipts.values())} receipts "
+              f"(each sent by A, then by B)")
+        assert set(receipts.values()) == {2}
+        assert set(_hooks(hooks).values()) == {(1, 1)}, "only B's outcomes count"
+        assert set(_attempts(hooks).values()) == {2}, "both attempts are in the log"
+    finally:
+        _signal_group(worker_a, signal.SIGCONT)
+        if worker_b is not None:
+            worker_b.stop()
+
+
+# --- point 4: a failure preparing one delivery is that delivery's alone ----------
+
+def test_a_plugin_raising_for_one_hook_spoils_only_its_delivery(private_stack, receiver,
+                                                                dataset):
+    """webhooks_veto raises for one hook: the rest of the batch is delivered
+    and recorded; that one is retried on the schedule, given up and logged,
+    with the hook's fingerprint and never its id or address."""
+    from ckanext.webhooks.ids import fingerprint
+    settings = {**FAST, **_queue(), "ckan.plugins": "webhooks webhooks_test_plugin",
+                "ckanext.webhooks.retry_schedule": "0 1 1"}
+    _, _, worker = private_stack(settings, web=False)
+    [bad] = _add_hooks(receiver, 1, "/veto-raises")
+    good = _add_hooks(receiver, 10, "/fine")
+    _update(dataset["id"])
+    receiver.wait_for(lambda rs: len({r.path for r in rs}) >= 10, timeout=30)
+    _wait(lambda: "(it could not be prepared)" in worker.output(), 30,
+          "the failing delivery was given up")
+    _wait(_queue_empty, 10, "every delivery recorded")
+    output = worker.output()
+    receipts = _receipts(receiver, "/")
+    assert len(receipts) == 10 and set(receipts.values()) == {1}
+    assert all(path.startswith("/fine/") for path, _ in receipts)
+    assert set(_hooks(good).values()) == {(1, 1)}
+    assert _hooks([bad]) == {bad: (0, 0)}, "not counted against the hook"
+    failures = [line for line in output.splitlines() if "could not prepare event" in line]
+    print(f"\nplugin raising for one of 11 hooks: 10 delivered, the 11th tried "
+          f"{len(failures)} times and given up")
+    assert len(failures) == 3  # one per attempt of the schedule
+    assert all(fingerprint(bad) in line for line in failures)
+    assert "RuntimeError: test plugin failed for" in output
+    assert output.count(", in webhooks_veto") == 1  # the traceback, once per process
+    assert bad not in output and "/veto-raises" not in output
+
+
+# --- point 6: overlapping batches recorded at once --------------------------------
+
+def test_overlapping_batches_are_recorded_without_deadlocks(private_stack, dataset):
+    """Two workers (four processes, small batches) deliver five events to the
+    same 300 hooks; batches of different events share hooks and are recorded
+    at the same time. No deadlock, and every hook counts exactly five."""
+    from .receiver import Receiver
+    receivers = [Receiver().start(), Receiver(host="127.0.0.3").start()]
+    settings = {**FAST, **_queue(), "ckanext.webhooks.batch_size": "25"}
+    _, ini, first = private_stack(settings, web=False)
+    second = processes.start_worker(ini, concurrency=2, name="worker-overlap")
+    try:
+        hooks = [h for i, r in enumerate(receivers) for h in _add_hooks(r, 150, f"/o{i}")]
+        for _ in range(5):
+            _update(dataset["id"])
+        for receiver in receivers:
+            receiver.wait_for(
+                lambda rs: len({(r.path, r.headers["webhook-id"]) for r in rs}) >= 750,
+                timeout=90)
+        _wait(_queue_empty, 30, "every delivery recorded")
+        logs = first.output() + second.output()
+        counts = _hooks(hooks)
+        print(f"\noverlapping batches: {len(hooks)} hooks x 5 events, "
+              f"delivery counts {sorted(set(counts.values()))}, "
+              f"both workers took part: {'attempts made' in first.output()}, "
+              f"{'attempts made' in second.output()}")
+        assert "deadlock" not in logs.lower()
+        assert set(counts.values()) == {(5, 5)}
+    finally:
+        second.stop()
+        for receiver in receivers:
+            receiver.stop()
+
+
+def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers,
+                                                             no_leftover_hooks):
+    """Eight batches over the same 200 hooks, each in another order, recorded
+    by eight threads at once (each its own database connection): all commit,
+    with the right counts, and none is left to the deadlock detector."""
+    from ckanext.webhooks import dispatcher
+    from ckanext.webhooks.delivery import Outcome
+    hooks = [f"own-{uuid.uuid4().hex}" for _ in range(200)]
+    events = [f"msg_own{uuid.uuid4().hex}" for _ in range(8)]
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO webhooks (id, topic, address, host, created)
+            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now()
+              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
+            SELECT id, 'dataset/update', 'x', now(), now()
+              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": events})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
+            SELECT e, h, 1, now() + interval '1 hour', 'token-' || e
+              FROM unnest(CAST(:events AS text[])) e, unnest(CAST(:hooks AS text[])) h
+        """), {"events": events, "hooks": hooks})
+    batches = []
+    for event in events:
+        order = random.sample(hooks, len(hooks))
+        batches.append([dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
+                                        claim_token=f"token-{event}", topic="dataset/update",
+                                        outcome=Outcome(200, None, 0.01))
+                        for hook in order])
+    start, errors = threading.Barrier(len(batches)), []
+
+    def record(batch):
+        try:
+            start.wait()
+            dispatcher._record(batch)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+            model.Session.rollback()
+        finally:
+            model.Session.remove()
+
+    threads = [threading.Thread(target=record, args=(b,)) for b in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert set(_hooks(hooks).values()) == {(8, 8)}
+    assert _pending() == 0
+
+
+# --- point 7: SIGTERM under load ------------------------------------------------------
+
+def test_sigterm_mid_fan_out_sends_nothing_twice_and_loses_nothing(private_stack, receiver,
+                                                                   dataset):
+    """SIGTERM to the worker's process group (as systemd stops a service) while
+    it delivers 1,000 hooks: it claims no more, finishes and records what is on
+    the wire, and exits; a new worker sends the rest. Every hook receives its
+    delivery exactly once."""
+    receiver.delay_for["/t/"] = 0.005
+    settings = {**FAST, **_queue(), "ckanext.webhooks.batch_size": "50"}
+    _, ini, worker = private_stack(settings, web=False)
+    _add_hooks(receiver, 1000, "/t")
+    _update(dataset["id"])
+    receiver.wait_for(lambda rs: len(rs) >= 150, timeout=30)
+    stopped_at = time.monotonic()
+    worker.stop()  # SIGTERM to every process of it; SIGKILL only after 15 s
+    stop_seconds = time.monotonic() - stopped_at
+    received_by_then = len(receiver.requests)
+    output = worker.output()
+    assert worker.proc.returncode == 0, output[-3000:]
+    assert "SIGTERM: finishing the deliveries on the wire" in output
+    assert received_by_then < 1000, "the fan-out finished before SIGTERM: nothing was tested"
+    # Nothing of the stopped worker is still claimed: a new one can take it all now.
+    assert _claim_tokens() in ([], [None])
+    replacement = processes.start_worker(ini, concurrency=2, name="worker-after-sigterm")
+    try:
+        receiver.wait_for(lambda rs: len({r.path for r in rs}) >= 1000, timeout=60)
+        _wait(_queue_empty, 30, "every delivery recorded")
+        receipts = _receipts(receiver, "/t/")
+        print(f"\nSIGTERM mid fan-out: {received_by_then} received when the worker was told "
+              f"to stop, it exited {stop_seconds:.1f} s later; {len(receipts)} hooks, "
+              f"{sum(receipts.values())} receipts, duplicates "
+              f"{sum(receipts.values()) - len(receipts)}")
+        assert len(receipts) == 1000 and set(receipts.values()) == {1}
+        assert "Traceback" not in output and "WorkerLostError" not in output
+    finally:
+        replacement.stop()
+
+
+def test_a_second_sigterm_hands_the_work_back_at_once(private_stack, receiver, dataset):
+    """A second SIGTERM stops the worker without waiting for its answers: the
+    deliveries it held go back to the queue, due now, instead of waiting for
+    their lease (a minute) to run out; a new worker sends them all."""
+    receiver.delay_for["/h/"] = 3.0
+    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "60",
+                "ckanext.webhooks.timeout": "10"}
+    _, ini, worker = private_stack(settings, web=False)
+    _add_hooks(receiver, 10, "/h")
+    _update(dataset["id"])
+    receiver.wait_for(lambda rs: len(rs) >= 10, timeout=30)
+    _signal_group(worker, signal.SIGTERM)
+    _wait(lambda: "SIGTERM: finishing the deliveries on the wire" in worker.output(), 10,
+          "the first SIGTERM was deferred")
+    _signal_group(worker, signal.SIGTERM)
+    _wait(lambda: worker.proc.poll() is not None, 15, "the worker exited")
+    output = worker.output()
+    assert "stopping at once: 1 batch(es) handed back" in output, output[-3000:]
+    with model.meta.engine.connect() as conn:
+        held = conn.execute(sa.text(
+            "SELECT count(*) FROM webhooks_delivery WHERE claim_token IS NOT NULL "
+            "OR due > now()")).scalar()
+    assert held == 0 and _pending() == 10
+    replacement = processes.start_worker(ini, concurrency=1, name="worker-after-second")
+    try:
+        receiver.wait_for(lambda rs: len(rs) >= 20, timeout=30)
+        _wait(_queue_empty, 20, "every delivery recorded")
+        receipts = _receipts(receiver, "/h/")
+        print(f"\nsecond SIGTERM: 10 deliveries handed back, {sum(receipts.values())} receipts")
+        assert len(receipts) == 10 and set(receipts.values()) == {2}
+    finally:
+        replacement.stop()
