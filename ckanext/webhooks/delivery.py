@@ -239,12 +239,17 @@ class Request:
     (``webhook-id``, ``webhook-timestamp``, and ``webhook-signature`` when
     there are ``secrets``), made right before the request is written.
     ``headers``: further headers (all of them, without ``event_id``).
+    ``health``: what the caller knows of the receiver, ``"fast"`` (its last
+    attempt was answered) or ``"slow"`` (it timed out or failed to connect),
+    e.g. from the hook's statistics; used only while this process knows
+    nothing of the receiver itself (after a start), see :class:`_Gates`.
     """
     address: "str | guard.Target"
     body: bytes
     event_id: Optional[str] = None
     secrets: tuple[str, ...] = ()
     headers: Optional[dict[str, str]] = None
+    health: Optional[str] = None
 
 
 def _as_request(item) -> Request:
@@ -301,7 +306,9 @@ class _Gates:
     healthy slot marks its receiver slow and moves, with the receiver's
     other requests, to the slow lane, freeing the healthy slots. Waiting
     receivers are served in turn (round robin), each receiver's requests in
-    order. Runs inside the sender's event loop only.
+    order. A process that knows nothing of a receiver (it has just started)
+    takes the caller's ``health`` hint of a request, if any, for
+    ``slow_seconds``. Runs inside the sender's event loop only.
     """
 
     def __init__(self, capacity: int, per_host: int, slow_capacity: int, slow_per_host: int,
@@ -309,7 +316,7 @@ class _Gates:
         self.capacity = max(1, capacity)
         self.new_capacity = max(1, self.capacity - self.capacity // 4)
         self.per_host = max(1, per_host)
-        self.probe = min(2, self.per_host)
+        self.probe = 1  # a receiver not heard from yet: one request until it answers
         self.slow_capacity = max(1, slow_capacity)
         self.slow_per_host = max(1, slow_per_host)
         self.slow_after = slow_after
@@ -353,10 +360,13 @@ class _Gates:
 
     # --- acquiring and releasing --------------------------------------------------
 
-    async def acquire(self, key, name: str) -> _Slot:
+    async def acquire(self, key, name: str, hint: Optional[str] = None) -> _Slot:
         loop = asyncio.get_running_loop()
         host = self._host(key, name)
         cls = self._class(host, loop.time())
+        if cls == NEW and hint in (FAST, SLOW):  # the caller's knowledge, for a while
+            self._mark(host, hint, loop.time() + self.slow_seconds, loop.time())
+            cls = hint
         if not host.waiters and not self.ready[cls] and host.active < self._limit(cls) \
                 and self._room(cls):
             return self._grant(host, cls, loop)
@@ -646,7 +656,7 @@ class Sender:
                 if request.event_id is not None:
                     signing.check_secrets(request.secrets)
                 slot = await self._gates.acquire((target.addresses[0], target.port),
-                                                 target.host)
+                                                 target.host, request.health)
                 answer = await self._exchange(target, request, head)
             outcome = Outcome(answer.status, None, time.monotonic() - started, answer.body,
                               _retry_after(answer.retry_after))

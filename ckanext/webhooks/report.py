@@ -53,6 +53,10 @@ def totals() -> dict[str, Any]:
                (SELECT count(*) FROM webhooks WHERE failing_since IS NOT NULL) AS failing,
                (SELECT count(*) FROM webhooks_delivery) AS pending,
                (SELECT count(*) FROM webhooks_event WHERE fanned_out IS NULL) AS events_waiting,
+               (SELECT count(*) FROM webhooks_event WHERE set_aside IS NOT NULL)
+                   AS events_set_aside,
+               (SELECT count(*) FROM webhooks_rendering WHERE data IS NULL)
+                   AS renderings_failing,
                (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day')
                    AS attempts_24h,
                (SELECT count(*) FROM webhooks_attempt WHERE at > now() - interval '1 day'

@@ -2,11 +2,14 @@
 
 Records every request (path, headers, body, time) and answers by a per-path
 script: a list of status codes used in turn (the last one repeats).
+:class:`SilentHosts` are many receivers that never answer.
 """
 from __future__ import annotations
 
 import json
 import random
+import selectors
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -146,3 +149,61 @@ class Receiver:
     def wait_count(self, path: str, count: int, timeout: float = 20.0) -> list[Received]:
         self.wait_for(lambda rs: sum(r.path == path for r in rs) >= count, timeout)
         return self.on(path)
+
+
+class SilentHosts:
+    """``count`` receivers on ``host`` (a port each) that take requests and
+    never answer; one thread for all. Counts requests and closed connections."""
+
+    def __init__(self, count: int, host: str = "127.0.0.2"):
+        self.host = host
+        self.selector = selectors.DefaultSelector()
+        self.listeners = []
+        for _ in range(count):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, 0))
+            sock.listen(64)
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ, "listen")
+            self.listeners.append(sock)
+        self.requests = 0
+        self.closed = 0
+        self._stop = False
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def urls(self, path="/slow"):
+        return [f"http://{self.host}:{s.getsockname()[1]}{path}" for s in self.listeners]
+
+    def _run(self):
+        try:
+            self._serve()
+        finally:
+            for key in list(self.selector.get_map().values()):
+                key.fileobj.close()
+            self.selector.close()
+
+    def _serve(self):
+        while not self._stop:
+            for key, _ in self.selector.select(0.2):
+                if key.data == "listen":
+                    try:
+                        conn, _ = key.fileobj.accept()
+                    except OSError:
+                        continue
+                    conn.setblocking(False)
+                    self.selector.register(conn, selectors.EVENT_READ, "conn")
+                    continue
+                try:
+                    data = key.fileobj.recv(65536)
+                except OSError:
+                    data = b""
+                if data.startswith(b"POST "):
+                    self.requests += 1
+                if not data:
+                    self.closed += 1
+                    self.selector.unregister(key.fileobj)
+                    key.fileobj.close()
+
+    def close(self):
+        self._stop = True  # the thread closes every socket

@@ -10,6 +10,8 @@ import pytest
 from ckanext.webhooks import guard
 from ckanext.webhooks.delivery import Sender
 
+from .receiver import SilentHosts
+
 ALLOWED = [guard.ipaddress.ip_network("127.0.0.2/32")]
 
 
@@ -297,59 +299,6 @@ def test_header_injection_is_never_sent(server, headers):
 
 # --- fresh signatures, deadlines, isolation, DNS (the sender's own policy) ----------
 
-class SilentHosts:
-    """``count`` receivers on 127.0.0.2 (a port each) that take requests and
-    never answer; one thread for all. Records requests and closed connections."""
-
-    def __init__(self, count: int):
-        import selectors
-        self.selector = selectors.DefaultSelector()
-        self.listeners = []
-        for _ in range(count):
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.2", 0))
-            sock.listen(64)
-            sock.setblocking(False)
-            self.selector.register(sock, selectors.EVENT_READ, "listen")
-            self.listeners.append(sock)
-        self.requests = 0
-        self.closed = 0
-        self._stop = False
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def urls(self, path="/slow"):
-        return [f"http://127.0.0.2:{s.getsockname()[1]}{path}" for s in self.listeners]
-
-    def _run(self):
-        import selectors
-        while not self._stop:
-            for key, _ in self.selector.select(0.2):
-                if key.data == "listen":
-                    try:
-                        conn, _ = key.fileobj.accept()
-                    except OSError:
-                        continue
-                    conn.setblocking(False)
-                    self.selector.register(conn, selectors.EVENT_READ, "conn")
-                    continue
-                try:
-                    data = key.fileobj.recv(65536)
-                except OSError:
-                    data = b""
-                if data.startswith(b"POST "):
-                    self.requests += 1
-                if not data:
-                    self.closed += 1
-                    self.selector.unregister(key.fileobj)
-                    key.fileobj.close()
-
-    def close(self):
-        self._stop = True
-        for sock in self.listeners:
-            sock.close()
-
-
 def _recording_server(server, hold_first: float = 0.0):
     """A receiver recording (request, receipt time); it holds its first answer
     ``hold_first`` seconds (a slow receiver)."""
@@ -443,10 +392,14 @@ def test_a_request_that_cannot_be_signed_or_built_fails_alone(server):
     assert len(seen) == 1 and b"msg_good" in seen[0][0]
 
 
-def test_slow_receivers_do_not_delay_proven_ones():
-    """Point 1: a receiver that answered promptly is served while 150
-    requests to 50 silent receivers (many more than the pool's 16 slots,
-    submitted first) are still on the wire."""
+@pytest.mark.parametrize("known", ["proven", "hinted"])
+def test_slow_receivers_do_not_delay_healthy_ones(known):
+    """Point 1: a healthy receiver is served while 150 requests to 50 silent
+    receivers (many more than the pool's 16 slots, submitted first) are still
+    on the wire. ``proven``: the receiver answered promptly before; ``hinted``:
+    the sender has just started and knows nothing, but the caller says the
+    silent ones timed out last time (the hook's statistics)."""
+    from ckanext.webhooks.delivery import Request
     hosts = SilentHosts(50)
     answered = []
 
@@ -458,15 +411,18 @@ def test_slow_receivers_do_not_delay_proven_ones():
     try:
         sender = Sender(total_timeout=5, concurrency=16, per_host=4)
         ok = guard.resolve(srv.url(), ALLOWED)
-        assert sender.post(ok, b"{}", {}).status == 204  # proven
+        if known == "proven":
+            assert sender.post(ok, b"{}", {}).status == 204
+            answered.clear()
         slow = [guard.resolve(url, ALLOWED) for url in hosts.urls()]
-        future = sender.submit([(t, b"{}", {}) for t in slow for _ in range(3)]
+        hint = "slow" if known == "hinted" else None
+        future = sender.submit([Request(t, b"{}", health=hint) for t in slow for _ in range(3)]
                                + [(ok, b"{}", {}) for _ in range(20)])
         outcomes = future.result()
         assert [o.status for o in outcomes[-20:]] == [204] * 20
         assert {o.error for o in outcomes[:-20]} == {"timeout"}
         assert hosts.requests > 0, "no slow request was sent: nothing tested"
-        assert answered[1:] == [0] * 20  # every healthy answer before any slow one ended
+        assert answered == [0] * 20  # every healthy answer before any slow one ended
         assert sender.slow_hosts() == frozenset({"127.0.0.2"})
     finally:
         hosts.close()

@@ -33,6 +33,11 @@ def dataset(with_plugins, organization):
     return factories.Dataset(owner_org=organization["id"])
 
 
+# The receivers of these tests answer slowly on purpose, all of them on one
+# address: room for all of their requests at once in the sender's slow lane.
+SLOW_OK = {"ckanext.webhooks.slow_lane_per_host": "16"}
+
+
 def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
     """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -90,7 +95,7 @@ def test_answers_outlasting_the_lease_arrive_exactly_once(private_stack, receive
     yet every hook receives its delivery once: the lease is renewed while the
     requests are on the wire."""
     receiver.delay_for["/slow"] = 4.0
-    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "1",
+    settings = {**FAST, **_queue(), **SLOW_OK, "ckanext.webhooks.lease_seconds": "1",
                 "ckanext.webhooks.timeout": "10", "ckanext.webhooks.batch_size": "4"}
     _, ini, first = private_stack(settings, web=False)
     second = processes.start_worker(ini, concurrency=2, name="worker-second")
@@ -119,9 +124,9 @@ def test_a_stuck_workers_late_outcomes_are_not_recorded(private_stack, receiver,
     knows). A wakes up while B's requests are on the wire and tries to record
     its own outcomes: it finds the rows carrying B's token and leaves them,
     and the hooks' statistics, to B."""
-    receiver.delay_for["/late"] = 5.0
-    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "2",
-                "ckanext.webhooks.timeout": "20"}
+    receiver.delay_for["/late"] = 6.0
+    settings = {**FAST, **_queue(), **SLOW_OK, "ckanext.webhooks.lease_seconds": "2",
+                "ckanext.webhooks.timeout": "30"}
     _, ini, worker_a = private_stack(settings, web=False)
     worker_b = None
     hooks = _add_hooks(receiver, 8, "/late")
@@ -315,7 +320,7 @@ def test_a_second_sigterm_hands_the_work_back_at_once(private_stack, receiver, d
     deliveries it held go back to the queue, due now, instead of waiting for
     their lease (a minute) to run out; a new worker sends them all."""
     receiver.delay_for["/h/"] = 3.0
-    settings = {**FAST, **_queue(), "ckanext.webhooks.lease_seconds": "60",
+    settings = {**FAST, **_queue(), **SLOW_OK, "ckanext.webhooks.lease_seconds": "60",
                 "ckanext.webhooks.timeout": "10"}
     _, ini, worker = private_stack(settings, web=False)
     _add_hooks(receiver, 10, "/h")
