@@ -1,0 +1,71 @@
+"""Fan-out faults stay with their event: a database error while one event fans
+out rolls back that event's savepoint only; the others in the same batch are
+queued, and an event that keeps failing is set aside (and reported) instead
+of heading every later batch. In process, against the real database."""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from ckan import model
+from ckan.tests import factories
+
+from ckanext.webhooks import fanout, ids, report
+from ckanext.webhooks.model import Webhook, WebhookEvent, utcnow
+
+
+def _hook(topic: str) -> str:
+    hook = Webhook(id=ids.new_hook_id(), topic=topic, address="http://127.0.0.2:9/x",
+                   host="127.0.0.2", created=utcnow())
+    model.Session.add(hook)
+    model.Session.commit()
+    return hook.id
+
+
+def _deliveries(event_id: str) -> int:
+    return model.Session.execute(sa.text(
+        "SELECT count(*) FROM webhooks_delivery WHERE event_id = :e"), {"e": event_id}).scalar()
+
+
+@pytest.mark.usefixtures("clean_db", "with_plugins")
+def test_a_failing_event_is_retried_then_set_aside_while_others_fan_out():
+    org = factories.Organization(image_url="")
+    _hook("dataset/update")
+    dataset = factories.Dataset(owner_org=org["id"])
+    model.Session.execute(sa.text("UPDATE webhooks_event SET fanned_out = now()"))
+    model.Session.commit()
+
+    # A poisoned event: its captured groups are not a valid array for
+    # PostgreSQL, so its fan-out statement fails in the database itself.
+    poisoned = model.Session.get(WebhookEvent, _new_update_event(dataset))
+    poisoned.snapshot = {**poisoned.snapshot,
+                         "_before": {**poisoned.snapshot["_before"], "groups": "{"}}
+    model.Session.commit()
+    healthy = _new_update_event(dataset)
+
+    events, queued = fanout.fan_out()
+    model.Session.expire_all()
+    assert (events, queued) == (2, 1)
+    assert _deliveries(healthy) == 1  # the healthy event went on, in the same batch
+    assert _deliveries(poisoned.id) == 0
+    event = model.Session.get(WebhookEvent, poisoned.id)
+    assert (event.fanout_attempts, event.fanned_out, event.set_aside) == (1, None, None)
+
+    for attempt in range(2, fanout.MAX_FANOUT_ATTEMPTS + 1):
+        fanout.fan_out()
+        model.Session.expire_all()
+        assert model.Session.get(WebhookEvent, poisoned.id).fanout_attempts == attempt
+    event = model.Session.get(WebhookEvent, poisoned.id)
+    assert event.set_aside is not None and event.fanned_out is not None
+    assert fanout.fan_out() == (0, 0)  # no longer heads the batches
+    assert report.totals()["events_set_aside"] == 1
+
+
+def _new_update_event(dataset) -> str:
+    before = {e.id for e in model.Session.query(WebhookEvent)}
+    model.Session.remove()
+    pkg = model.Package.get(dataset["id"])
+    pkg.title = "changed " + ids.new_event_id()
+    model.Session.commit()
+    (new,) = {e.id for e in model.Session.query(WebhookEvent)} - before
+    return new
