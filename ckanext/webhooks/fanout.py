@@ -103,10 +103,11 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None) -> int:
          GROUP BY audience
     """), where).all()
     names = audience.reader_names(a.audience for a in audiences)
+    now = _visibility_now(event.package_id)
     decisions = []
     for row in audiences:
         decision = _decide(event, kind, row.audience, names[row.audience], row.topics,
-                           before, after)
+                           before, after, now)
         if decision is not None:
             decisions.append(decision)
     if not decisions:
@@ -157,44 +158,64 @@ _HOOKS = f"""
 
 
 def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list[str],
-            before: Optional[dict], after: dict) -> Optional[dict]:
+            before: Optional[dict], after: dict, now: Optional[dict]) -> Optional[dict]:
     """Could ``reader`` see the entity before (vb) and after (va) the change?
     Renders it for them when a hook of theirs needs the body. None: nothing
-    for this audience now (withheld, or rendering failed and will be retried)."""
+    for this audience now (withheld, or rendering failed and will be retried).
+
+    ``before``/``after``: the dataset's visibility captured with the event;
+    ``now``: as it is in the database (None: purged). Each distinct state is
+    judged once per reader, by CKAN's own authorization.
+    """
     if reader is None:
         return None
     package_id = event.package_id
-    before_active = before is not None and before.get("state") == ACTIVE
-    after_active = after.get("state") == ACTIVE
     if kind == "dataset":
-        vb = before_active and audience.may_read(reader, "package_show", package_id,
-                                                 state=before)
-        va = after_active and audience.may_read(reader, "package_show", package_id,
-                                                state=after)
-        needs_body = va and bool({topics.DATASET_CREATE, topics.DATASET_UPDATE}
-                                 & set(hook_topics))
-        action = "package_show"
+        action, object_id = "package_show", package_id
+        judge_before = judge_after = True
+        needs_body = bool({topics.DATASET_CREATE, topics.DATASET_UPDATE} & set(hook_topics))
     else:
-        deleting = event.topic == topics.RESOURCE_DELETE
-        vb = deleting and before_active and audience.may_read(
-            reader, "resource_show", event.object_id, package_id, state=before)
-        va = not deleting and after_active and audience.may_read(
-            reader, "package_show", package_id, state=after)
-        needs_body = va
-        action = "resource_show"
-    if needs_body:
+        action, object_id = "resource_show", event.object_id
+        judge_before = event.topic == topics.RESOURCE_DELETE
+        judge_after = needs_body = not judge_before
+    judged: dict = {}
+
+    def visible(state: Optional[dict]) -> bool:
+        if state is None or state.get("state") != ACTIVE:
+            return False
+        seen = _visibility_key(state)
+        if seen not in judged:
+            as_of = None if now is not None and seen == _visibility_key(now) else state
+            judged[seen] = audience.may_read(reader, action, object_id, package_id,
+                                             state=as_of)
+        return judged[seen]
+
+    vb = judge_before and visible(before)
+    va = judge_after and visible(after)
+    if va and needs_body:
         # The change as captured is visible to the reader; is it still, now
         # that it is rendered? If not, a later event tells them (never widen).
-        if not audience.may_read(reader, action, event.object_id, package_id):
+        if not visible(now):
             return None
         try:
             with model.Session.begin_nested():
-                data = audience.render(action, event.object_id, reader)
+                data = audience.render(action, object_id, reader)
         except audience.RenderingFailed as failure:
             _rendering_failed(event, key, str(failure))
             return None
         _store_rendering(event.id, key, data)
     return {"audience": key, "vb": bool(vb), "va": bool(va)}
+
+
+def _visibility_key(state: dict) -> tuple:
+    return (state.get("state"), bool(state.get("private")), state.get("owner_org"))
+
+
+def _visibility_now(package_id: Optional[str]) -> Optional[dict]:
+    row = model.Session.execute(sa.text(
+        "SELECT state, private, owner_org FROM package WHERE id = :id"),
+        {"id": package_id}).first() if package_id else None
+    return dict(row._mapping) if row is not None else None
 
 
 def _fan_out_plugin_event(event: WebhookEvent) -> int:

@@ -27,7 +27,8 @@ def _deliveries(event_id: str) -> int:
         "SELECT count(*) FROM webhooks_delivery WHERE event_id = :e"), {"e": event_id}).scalar()
 
 
-@pytest.mark.usefixtures("clean_db", "with_plugins")
+# The suite's shared worker is frozen: this test fans out in process.
+@pytest.mark.usefixtures("clean_db", "with_plugins", "only_my_workers")
 def test_a_failing_event_is_retried_then_set_aside_while_others_fan_out():
     org = factories.Organization(image_url="")
     _hook("dataset/update")
