@@ -25,7 +25,7 @@ bench: setup      ## the benchmarks in bench/ (JSON results in bench/results/)
 	.venv/bin/python bench/run_all.py
 
 chaos: setup      ## the fault tests alone (killed workers, restarts, hostile receivers)
-	scripts/test -s ckanext/webhooks/tests/test_chaos.py
+	scripts/test -s ckanext/webhooks/tests/test_chaos.py ckanext/webhooks/tests/test_ownership.py
 
 soak: setup       ## the soak test at full length: 30 min, 20 changes/s, 1,000 hooks
 	WEBHOOKS_SOAK_SECONDS=1800 WEBHOOKS_SOAK_RATE=20 WEBHOOKS_SOAK_HOOKS=1000 \

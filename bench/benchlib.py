@@ -35,7 +35,7 @@ _engine = None
 def engine():
     global _engine
     if _engine is None:
-        _engine = sa.create_engine(DB_URL)
+        _engine = sa.create_engine(DB_URL, pool_pre_ping=True)
     return _engine
 
 
@@ -46,7 +46,9 @@ def sql(statement: str, **params):
 
 
 def reset_webhooks() -> None:
-    sql("TRUNCATE webhooks_attempt, webhooks_delivery, webhooks_event, webhooks")
+    # webhooks_rendering (migration 04) references webhooks_event: truncated with it.
+    sql("TRUNCATE webhooks_attempt, webhooks_delivery, webhooks_rendering, webhooks_event, "
+        "webhooks")
     import redis
     redis.Redis.from_url("redis://127.0.0.1:6379/5").flushdb()
 

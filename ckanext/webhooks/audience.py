@@ -77,12 +77,42 @@ def as_of(package_id: str, state: Optional[dict]) -> Iterator[None]:
         for key in keys:
             setattr(package, key, state.get(key))
         try:
-            yield
+            if "collaborators" in state:
+                with _collaborators_as_of(package_id, state["collaborators"], stand_in):
+                    yield
+            else:
+                yield
         finally:
             if stand_in:
                 session.expunge(package)
             else:
                 session.expire(package, list(keys))
+
+
+@contextlib.contextmanager
+def _collaborators_as_of(package_id: str, collaborators: list,
+                         purged: bool) -> Iterator[None]:
+    """The dataset's collaborators as they were (CKAN reads them with queries),
+    in a savepoint that is always rolled back (with the row of a purged
+    dataset, which their rows refer to)."""
+    connection = model.Session.connection()
+    savepoint = connection.begin_nested()
+    try:
+        if purged:  # named by its id: its old name may be taken by now
+            connection.execute(sa.text(
+                "INSERT INTO package (id, name, type) VALUES (:id, :id, 'dataset')"),
+                {"id": package_id})
+        connection.execute(sa.text("DELETE FROM package_member WHERE package_id = :id"),
+                           {"id": package_id})
+        if collaborators:
+            connection.execute(sa.text("""
+                INSERT INTO package_member (package_id, user_id, capacity, modified)
+                VALUES (:package_id, :user_id, :capacity, now())
+            """), [{"package_id": package_id, "user_id": user_id, "capacity": capacity}
+                   for user_id, capacity in collaborators])
+        yield
+    finally:
+        savepoint.rollback()
 
 
 def may_read(reader: str, action: str, object_id: str, package_id: Optional[str] = None,

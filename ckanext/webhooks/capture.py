@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SEEN = "ckanext.webhooks.seen"            # {(kind, id)}: entities already decided
 OLD_STATE = "ckanext.webhooks.old_state"  # {id: {state, ...} before this transaction}
 OLD_GROUPS = "ckanext.webhooks.old_groups"  # {package id: [group ids] before this transaction}
+OLD_COLLABORATORS = "ckanext.webhooks.old_collaborators"  # {package id: [[user, capacity]]}
 
 ACTIVE, DELETED, DRAFT = "active", "deleted", "draft"
 
@@ -92,6 +93,9 @@ def _record(entity: Any, operation: Any) -> None:
         groups_before = session.info.get(OLD_GROUPS, {}).get(package.id)
         if before is not None and groups_before is not None:
             before["groups"] = groups_before
+        collaborators_before = session.info.get(OLD_COLLABORATORS, {}).get(package.id)
+        if before is not None and collaborators_before is not None:
+            before["collaborators"] = collaborators_before
         snapshot["_before"] = before
         snapshot["_after"] = {**_visibility(package), "state": "purged"} if purged \
             else _visibility(package)
@@ -238,6 +242,14 @@ def _remember_old_states(session, flush_context, instances) -> None:
                     "SELECT group_id FROM member WHERE table_name = 'package' "
                     "AND table_id = :id AND state = 'active'"), {"id": obj.table_id}
                 ).scalars())
+        elif obj.__class__ is model.PackageMember and obj.package_id:
+            # package_delete removes the collaborators with the dataset: who
+            # could read it just before is judged with them.
+            collaborators = session.info.setdefault(OLD_COLLABORATORS, {})
+            if obj.package_id not in collaborators:
+                collaborators[obj.package_id] = [list(row) for row in session.connection(
+                ).execute(sa.text("SELECT user_id, capacity FROM package_member "
+                                  "WHERE package_id = :id"), {"id": obj.package_id})]
 
 
 def _value_before(obj, key: str) -> Any:
@@ -251,6 +263,7 @@ def _forget(session, *args) -> None:
     session.info.pop(SEEN, None)
     session.info.pop(OLD_STATE, None)
     session.info.pop(OLD_GROUPS, None)
+    session.info.pop(OLD_COLLABORATORS, None)
 
 
 _installed = False

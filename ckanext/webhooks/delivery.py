@@ -59,10 +59,19 @@ _VALUE_OK = re.compile(r"[\t\x20-\x7e]*")
 @dataclass
 class Outcome:
     status: Optional[int]
-    error: Optional[str]          # error kind when no usable HTTP status was received
+    # The error kind when no usable HTTP status was received: timeout (also
+    # for an attempt that never got a slot before its deadline: not sent),
+    # connect_error, connection_error, tls_error, invalid_request,
+    # refused_address, dns_error (the name did not resolve now: retried, never
+    # a 4xx) or internal_error (a fault of ours with this request: retried).
+    error: Optional[str]
     duration: float
     body: bytes = b""
     retry_after: Optional[float] = None
+    # False when the request was never written to a connection (it could not
+    # be resolved, checked or signed, or waited for a slot or a connection
+    # until its deadline): the receiver cannot have seen it.
+    sent: bool = True
 
     @property
     def ok(self) -> bool:
@@ -270,7 +279,7 @@ MAX_HOSTS = 10000      # receivers whose health is remembered (least recently us
 class _Host:
     """A receiver (address and port): its health, its requests in flight and waiting."""
     __slots__ = ("key", "name", "state", "until", "active", "slots", "waiters", "nwait",
-                 "wclass", "queued")
+                 "wclass", "queued", "failing")
 
     def __init__(self, key, name: str) -> None:
         self.key, self.name = key, name
@@ -282,14 +291,14 @@ class _Host:
         self.nwait = 0                     # waiters not cancelled
         self.wclass: Optional[str] = None  # the class they are counted under
         self.queued: Optional[str] = None  # the rotation the host is in
+        self.failing = False               # slow, and its last request did not get an answer
 
 
 class _Slot:
-    __slots__ = ("host", "lane", "timer", "granted")
+    __slots__ = ("host", "lane", "granted")
 
     def __init__(self, host: _Host, lane: str, granted: float) -> None:
         self.host, self.lane, self.granted = host, lane, granted
-        self.timer: Optional[asyncio.TimerHandle] = None
 
 
 class _Gates:
@@ -301,9 +310,11 @@ class _Gates:
     pool (``capacity`` slots); new ones get at most three quarters of it and
     ``probe`` slots each, and fast ones go first, so proven receivers are
     never queued behind unknown ones. Slow ones never take a healthy slot:
-    they have the slow lane (``slow_capacity`` slots, ``slow_per_host``
-    each). A request still running ``slow_after`` seconds after it got a
-    healthy slot marks its receiver slow and moves, with the receiver's
+    they have the slow lane (``slow_capacity`` slots), ``per_host`` each
+    while they answer (late), ``slow_per_host`` while they do not (*failing*:
+    a timeout or failed connection, or no answer yet after ``slow_after``).
+    A request still running ``slow_after`` seconds after it got a healthy
+    slot marks its receiver slow and failing and moves, with the receiver's
     other requests, to the slow lane, freeing the healthy slots. Waiting
     receivers are served in turn (round robin), each receiver's requests in
     order. A process that knows nothing of a receiver (it has just started)
@@ -321,6 +332,9 @@ class _Gates:
         self.slow_per_host = max(1, slow_per_host)
         self.slow_after = slow_after
         self.slow_seconds = slow_seconds
+        self._tick = max(0.05, slow_after / 4)
+        self.healthy_slots: set[_Slot] = set()
+        self._watch: Optional[asyncio.TimerHandle] = None
         self.used = {FAST: 0, NEW: 0, SLOW: 0}
         self.waiting = {FAST: 0, NEW: 0, SLOW: 0}
         self.ready: dict[str, collections.deque] = {
@@ -337,8 +351,10 @@ class _Gates:
         host.state = None
         return NEW
 
-    def _limit(self, cls: str) -> int:
-        return self.per_host if cls == FAST else self.probe if cls == NEW else self.slow_per_host
+    def _limit(self, cls: str, host: _Host) -> int:
+        if cls == SLOW:  # answering late: its full share; not answering: a small one
+            return self.slow_per_host if host.failing else self.per_host
+        return self.per_host if cls == FAST else self.probe
 
     def _room(self, cls: str) -> bool:
         if cls == SLOW:
@@ -350,10 +366,14 @@ class _Gates:
         host = self.hosts.get(key)
         if host is None:
             host = self.hosts[key] = _Host(key, name)
-            if len(self.hosts) > MAX_HOSTS:
-                for old in list(self.hosts.values())[: len(self.hosts) - MAX_HOSTS]:
-                    if not old.active and not old.waiters:
-                        del self.hosts[old.key]
+            for _ in range(4):  # forget the least recently used, unless busy
+                if len(self.hosts) <= MAX_HOSTS:
+                    break
+                old = next(iter(self.hosts.values()))
+                if old.active or old.waiters:
+                    self.hosts.move_to_end(old.key)
+                else:
+                    del self.hosts[old.key]
         else:
             self.hosts.move_to_end(key)
         return host
@@ -365,9 +385,10 @@ class _Gates:
         host = self._host(key, name)
         cls = self._class(host, loop.time())
         if cls == NEW and hint in (FAST, SLOW):  # the caller's knowledge, for a while
+            host.failing = hint == SLOW
             self._mark(host, hint, loop.time() + self.slow_seconds, loop.time())
             cls = hint
-        if not host.waiters and not self.ready[cls] and host.active < self._limit(cls) \
+        if not host.waiters and not self.ready[cls] and host.active < self._limit(cls, host) \
                 and self._room(cls):
             return self._grant(host, cls, loop)
         waiter = loop.create_future()
@@ -432,7 +453,7 @@ class _Gates:
                         # Once more if it went to a rotation served already.
                         again = again or actual == FAST or (actual == NEW and cls == SLOW)
                         continue
-                    if host.active >= self._limit(cls):
+                    if host.active >= self._limit(cls, host):
                         continue  # filed again when one of its requests ends
                     waiter = host.waiters.popleft()
                     self._unwait(host)
@@ -447,15 +468,27 @@ class _Gates:
         slot = _Slot(host, cls, loop.time())
         host.slots.add(slot)
         if cls != SLOW and self.slow_after:
-            slot.timer = loop.call_later(self.slow_after, self._too_slow, slot)
+            self.healthy_slots.add(slot)
+            if self._watch is None:
+                self._watch = loop.call_later(self._tick, self._watch_healthy, loop)
         return slot
+
+    def _watch_healthy(self, loop) -> None:
+        """Every ``slow_after``/4 while healthy slots are held: a request
+        that has held one for ``slow_after`` sends its receiver to the slow lane."""
+        self._watch = None
+        too_old = loop.time() - self.slow_after
+        for slot in [s for s in self.healthy_slots if s.granted <= too_old]:
+            if slot.lane != SLOW:  # not moved already, with another of its receiver's
+                self._too_slow(slot)
+        if self.healthy_slots:
+            self._watch = loop.call_later(self._tick, self._watch_healthy, loop)
 
     def release(self, slot: _Slot, outcome: Optional["Outcome"]) -> None:
         """A request has ended (``outcome`` None: it never started)."""
         loop = asyncio.get_running_loop()
         host = slot.host
-        if slot.timer is not None:
-            slot.timer.cancel()
+        self.healthy_slots.discard(slot)
         host.slots.discard(slot)
         self.used[slot.lane] -= 1
         host.active -= 1
@@ -468,21 +501,28 @@ class _Gates:
     # --- health ------------------------------------------------------------------
 
     def _observe(self, host: _Host, outcome: "Outcome", took: float, now: float) -> None:
-        if outcome.status is not None and took < self.slow_after:
-            self._mark(host, FAST, now + FAST_MEMORY, now)
-        elif outcome.status is not None or outcome.error in _NETWORK_FAILURES:
+        if outcome.status is not None:
+            host.failing = False
+            if took < self.slow_after or not self.slow_after:
+                self._mark(host, FAST, now + FAST_MEMORY, now)
+            else:
+                self._mark(host, SLOW, now + self.slow_seconds, now)
+        elif outcome.error in _NETWORK_FAILURES:
+            host.failing = True
             self._mark(host, SLOW, now + self.slow_seconds, now)
 
     def _mark(self, host: _Host, state: str, until: float, now: float) -> None:
         was = self._class(host, now)
         host.state, host.until = state, until
-        if (state == SLOW) != (was == SLOW):
+        listed = self.slow_names.get(host.name)
+        if (state == SLOW and (listed is None or listed < until - 1.0)) or \
+                (state != SLOW and listed is not None):
             names = {n: t for n, t in self.slow_names.items() if t > now}
             if state == SLOW:
                 names[host.name] = until
             else:
                 names.pop(host.name, None)
-            self.slow_names = names
+            self.slow_names = names  # replaced, never changed: other threads read it
         if was != state and host.waiters:
             self._file(host, now)
 
@@ -491,15 +531,14 @@ class _Gates:
         receiver goes to the slow lane, with its requests in flight."""
         loop = asyncio.get_running_loop()
         host = slot.host
+        host.failing = True  # until it answers
         self._mark(host, SLOW, loop.time() + self.slow_seconds, loop.time())
         for moved in host.slots:
             if moved.lane != SLOW:
                 self.used[moved.lane] -= 1
                 self.used[SLOW] += 1
                 moved.lane = SLOW
-                if moved.timer is not None:
-                    moved.timer.cancel()
-                    moved.timer = None
+                self.healthy_slots.discard(moved)
         self._pump(loop)
 
     def free(self) -> int:
@@ -520,7 +559,7 @@ class Sender:
     def __init__(self, connect_timeout: float = 5.0, total_timeout: float = 15.0,
                  max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
                  dns_timeout: float = 5.0, slow_after: float = 2.0,
-                 slow_lane_seconds: float = 60.0, slow_lane_concurrency: int = 16,
+                 slow_lane_seconds: float = 60.0, slow_lane_concurrency: int = 32,
                  slow_lane_per_host: int = 2, allowed_networks: Optional[list] = None
                  ) -> None:
         self.connect_timeout = connect_timeout
@@ -559,7 +598,7 @@ class Sender:
             dns_timeout=setting("dns_timeout", 5.0),
             slow_after=setting("slow_after", 2.0),
             slow_lane_seconds=setting("slow_lane_seconds", 60.0),
-            slow_lane_concurrency=setting("slow_lane_concurrency", 16, int),
+            slow_lane_concurrency=setting("slow_lane_concurrency", 32, int),
             slow_lane_per_host=setting("slow_lane_per_host", 2, int))
         options.update(overrides)
         return cls(**options)
@@ -595,16 +634,17 @@ class Sender:
                 else:
                     items.append((request, guard.parse(request.address), None))
             except guard.Refused:
-                items.append((item, None, Outcome(None, "refused_address", 0.0)))
+                items.append((item, None, Outcome(None, "refused_address", 0.0, sent=False)))
             except Exception:  # noqa: BLE001 - this request's outcome, not the batch's
                 log.exception("could not prepare a request")
-                items.append((item, None, Outcome(None, "internal_error", 0.0)))
+                items.append((item, None, Outcome(None, "internal_error", 0.0, sent=False)))
         if allowed is None:
             allowed = self.allowed_networks
         if allowed is None and any(isinstance(parsed, tuple) for _, parsed, _ in items):
             allowed = guard.allowed_networks()
+        allowed = list(allowed or [])
         return asyncio.run_coroutine_threadsafe(
-            self._post_many(items, allowed or [], started), self._loop)
+            self._post_many(items, (allowed, tuple(allowed)), started), self._loop)
 
     def free_capacity(self) -> int:
         """Slots of the healthy pool that no request holds or waits for (a
@@ -635,29 +675,31 @@ class Sender:
 
     # --- inside the event loop ------------------------------------------------
 
-    async def _post_many(self, items: list, allowed: list, started: float) -> list[Outcome]:
+    async def _post_many(self, items: list, allowed: tuple[list, tuple], started: float
+                         ) -> list[Outcome]:
         deadline = started + self.total_timeout
         return await asyncio.gather(*(
             self._attempt(request, parsed, allowed, started, deadline) if early is None
             else _done(early) for request, parsed, early in items))
 
-    async def _attempt(self, request: Request, parsed, allowed: list, started: float,
-                       deadline: float) -> Outcome:
-        slot, outcome = None, None
+    async def _attempt(self, request: Request, parsed, allowed: tuple[list, tuple],
+                       started: float, deadline: float) -> Outcome:
+        slot, outcome, wrote = None, None, [False]
         try:
             # A deadline on this task, not a task of its own as wait_for would make.
             async with asyncio.timeout_at(deadline):
                 if isinstance(parsed, guard.Target):
                     target = parsed
                 else:
-                    target = await self._resolver.target(parsed, allowed, deadline)
+                    target = await self._resolver.target(parsed, allowed[0], deadline,
+                                                         allowed[1])
                 head = _request_head(target, len(request.body), request.headers,
                                      request.event_id)
                 if request.event_id is not None:
                     signing.check_secrets(request.secrets)
                 slot = await self._gates.acquire((target.addresses[0], target.port),
                                                  target.host, request.health)
-                answer = await self._exchange(target, request, head)
+                answer = await self._exchange(target, request, head, wrote)
             outcome = Outcome(answer.status, None, time.monotonic() - started, answer.body,
                               _retry_after(answer.retry_after))
         except (asyncio.TimeoutError, TimeoutError):
@@ -672,8 +714,13 @@ class Sender:
             log.exception("delivery attempt failed unexpectedly")
             outcome = Outcome(None, "internal_error", time.monotonic() - started)
         finally:
+            if outcome is not None:
+                outcome.sent = wrote[0]
             if slot is not None:
-                self._gates.release(slot, outcome)
+                try:
+                    self._gates.release(slot, outcome)
+                except Exception:  # noqa: BLE001 - never the batch's failure
+                    log.exception("could not release a delivery slot")
         return outcome
 
     def _render(self, head: bytes, request: Request) -> bytes:
@@ -684,19 +731,20 @@ class Sender:
         return (head + "".join(f"{name}: {value}\r\n" for name, value in fields.items()
                                ).encode("ascii") + b"\r\n" + request.body)
 
-    async def _exchange(self, target: guard.Target, request: Request, head: bytes) -> _Answer:
+    async def _exchange(self, target: guard.Target, request: Request, head: bytes,
+                        wrote: list) -> _Answer:
         key = (target.scheme, target.addresses[0], target.port, target.host)
         conn = self._take_idle(key)
         if conn is not None:
             try:
-                return await self._round_trip(conn, key, head, request)
+                return await self._round_trip(conn, key, head, request, wrote)
             except _Failed as failure:
                 if failure.kind != "stale_connection":
                     raise
                 # The receiver closed an idle keep-alive connection: once more, fresh.
         conn = await self._connect(target)
         try:
-            return await self._round_trip(conn, key, head, request)
+            return await self._round_trip(conn, key, head, request, wrote)
         except _Failed as failure:
             if failure.kind == "stale_connection":
                 raise _Failed("connection_error")
@@ -717,11 +765,13 @@ class Sender:
             raise _Failed("connect_error")
         return conn
 
-    async def _round_trip(self, conn: _Connection, key, head: bytes, request: Request
-                          ) -> _Answer:
+    async def _round_trip(self, conn: _Connection, key, head: bytes, request: Request,
+                          wrote: list) -> _Answer:
         try:
             # Signed here, right before the write: the timestamp is the sending time.
-            answer = await conn.request(self._render(head, request))
+            data = self._render(head, request)
+            wrote[0] = True
+            answer = await conn.request(data)
         except BaseException:  # failed, or cancelled by the total timeout: unusable
             conn.close()
             raise

@@ -4,12 +4,13 @@ the queue, is :mod:`fanout`).
 The Celery tasks in :mod:`tasks` are thin: they call these functions. The
 database is the source of truth:
 
-* :func:`drain` claims due rows (``FOR UPDATE SKIP LOCKED``; the claim moves
-  ``due`` forward by a lease, so work held by a dead worker comes back by
-  itself), sends them concurrently, and records the outcomes in bulk: rows
-  delivered or given up are deleted, failed ones get their next ``due`` from
-  the retry schedule, hooks get their statistics, and hooks that answer 410
-  or too many 4xx are deleted.
+* :func:`drain` claims due rows (``FOR UPDATE SKIP LOCKED``; the claim gives
+  them a fresh token and moves ``due`` forward by a lease, which the worker
+  renews while it works on them, so work held by a dead worker comes back by
+  itself), sends them concurrently, and records the outcomes in bulk on the
+  rows that still carry its token: rows delivered or given up are deleted,
+  failed ones get their next ``due`` from the retry schedule, hooks get their
+  statistics, and hooks that answer 410 or too many 4xx are deleted.
 """
 from __future__ import annotations
 
@@ -203,26 +204,28 @@ def stopping() -> bool:
 
 
 @contextlib.contextmanager
-def _sigterm_deferred():
-    """In a pool process, SIGTERM (systemd stopping the service, a deploy, the
-    pool being terminated) ends the process at once, with requests on the wire
-    and their outcomes unrecorded (then sent again when their lease runs out).
-    While a drain is under way it only asks the drain to stop; then it takes
-    its course, unless the pool is closing in a warm shutdown (the process then
-    ends when the pool tells it to). A second SIGTERM, or one during a cold
-    shutdown, takes its course at once."""
-    if not _in_pool_process or threading.current_thread() is not threading.main_thread():
+def sigterm_deferred():
+    """Around a task in a pool process. SIGTERM (systemd stopping the service,
+    a deploy, the pool being terminated) would end the process at once, with
+    requests on the wire and their outcomes unrecorded (and sent again when
+    their lease ran out). Under this it only asks :func:`drain` to stop; once
+    the task is done it takes its course, unless the pool is closing in a warm
+    shutdown (the process then ends when the pool tells it to). A second
+    SIGTERM, or one during a cold shutdown, takes its course at once."""
+    previous = signal.getsignal(signal.SIGTERM) \
+        if threading.current_thread() is threading.main_thread() else None
+    if not _in_pool_process or previous in (None, signal.SIG_IGN):
         yield
         return
-    previous = signal.getsignal(signal.SIGTERM)
-    deferred: list[int] = []
+    state = {"deferred": False, "passed_on": False}
 
     def on_sigterm(signum, frame):
-        if deferred or _worker_stopping[0] == 2:
+        if state["deferred"] or _worker_stopping[0] == 2:
+            state["passed_on"] = True
             signal.signal(signal.SIGTERM, previous)
             signal.raise_signal(signum)
             return
-        deferred.append(signum)
+        state["deferred"] = True
         _stop_here.set()
         log.info("SIGTERM: finishing the deliveries on the wire, claiming no more")
 
@@ -231,7 +234,7 @@ def _sigterm_deferred():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if deferred and _worker_stopping[0] != 1:
+        if state["deferred"] and not state["passed_on"] and _worker_stopping[0] != 1:
             signal.raise_signal(signal.SIGTERM)
 
 
@@ -325,43 +328,42 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
     """
     started = time.monotonic()
     total, in_flight, exhausted = 0, [], False
-    with _sigterm_deferred():
-        try:
-            while True:
-                while (not exhausted and not stopping()
-                       and len(in_flight) < MAX_BATCHES_IN_FLIGHT
-                       and time.monotonic() - started < budget):
-                    jobs = claim(batch_size())
-                    if not jobs:
-                        exhausted = True
-                        break
-                    in_flight.append(_send(jobs, _prepare_batch(jobs)))
-                    total += len(jobs)
-                if not in_flight:
-                    if stopping() and not exhausted:
-                        log.info("stopping: %d attempt(s) made and recorded, the rest "
-                                 "left to other workers", total)
-                    return total, not exhausted
-                futures = [f for _, _, f in in_flight if f is not None]
-                if futures:
-                    concurrent.futures.wait(futures,
-                                            return_when=concurrent.futures.FIRST_COMPLETED)
-                for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
-                    _finish(*batch)
-                    in_flight.remove(batch)
-                    _leases.release(batch[0][0].claim_token)
-        except BaseException as error:
-            if in_flight and not isinstance(error, Exception):
-                # Made to stop at once (a second SIGTERM): what is not recorded
-                # goes back to the queue now rather than when its lease runs out.
-                try:
-                    _hand_back([b[0][0].claim_token for b in in_flight])
-                    log.info("stopping at once: %d batch(es) handed back", len(in_flight))
-                except Exception as hand_back_error:  # noqa: BLE001 - their leases run out
-                    log.warning("could not hand back unrecorded work: %s", hand_back_error)
-            raise
-        finally:  # whatever is left unrecorded is not renewed: its lease runs out
-            _leases.release(*(b[0][0].claim_token for b in in_flight))
+    try:
+        while True:
+            while (not exhausted and not stopping()
+                   and len(in_flight) < MAX_BATCHES_IN_FLIGHT
+                   and time.monotonic() - started < budget):
+                jobs = claim(batch_size())
+                if not jobs:
+                    exhausted = True
+                    break
+                in_flight.append(_send(jobs, _prepare_batch(jobs)))
+                total += len(jobs)
+            if not in_flight:
+                if stopping() and not exhausted:
+                    log.info("stopping: %d attempt(s) made and recorded, the rest "
+                             "left to other workers", total)
+                return total, not exhausted
+            futures = [f for _, _, f in in_flight if f is not None]
+            if futures:
+                concurrent.futures.wait(futures,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
+                _finish(*batch)
+                in_flight.remove(batch)
+                _leases.release(batch[0][0].claim_token)
+    except BaseException as error:
+        if in_flight and not isinstance(error, Exception):
+            # Made to stop at once (a second SIGTERM): what is not recorded
+            # goes back to the queue now rather than when its lease runs out.
+            try:
+                _hand_back([b[0][0].claim_token for b in in_flight])
+                log.info("stopping at once: %d batch(es) handed back", len(in_flight))
+            except Exception as hand_back_error:  # noqa: BLE001 - their leases run out
+                log.warning("could not hand back unrecorded work: %s", hand_back_error)
+        raise
+    finally:  # whatever is left unrecorded is not renewed: its lease runs out
+        _leases.release(*(b[0][0].claim_token for b in in_flight))
 
 
 def _prepare_batch(jobs: list[_Job]) -> list[_Job]:
@@ -420,7 +422,6 @@ def _prepare(jobs: list[_Job]) -> list[_Job]:
     session = model.Session
     readers = _readers_now(jobs)
     names = audience.reader_names(key for key, _ in readers.values())
-    visible: dict = {}
     extensions = list(PluginImplementations(IWebhooks))
     sendable = []
     for job in jobs:
@@ -440,13 +441,9 @@ def _prepare(jobs: list[_Job]) -> list[_Job]:
                 job.drop = "reader_changed"
                 continue
             check = _access_check(event, job.topic)
-            if check is not None:
-                if (job.event_id, key, check) not in visible:
-                    visible[(job.event_id, key, check)] = audience.may_read(
-                        reader, check[0], check[1], event.package_id)
-                if not visible[(job.event_id, key, check)]:
-                    job.drop = "not_visible"
-                    continue
+            if check is not None and not _may_still_read(reader, key, event, check):
+                job.drop = "not_visible"
+                continue
             envelope = _envelope(event, key, job.topic, job.reason)
             if envelope is None:
                 job.drop = "no_view"
@@ -473,6 +470,27 @@ def _readers_now(jobs: list[_Job]) -> dict[str, tuple[str, bool]]:
           FROM webhooks w WHERE w.id = ANY(:ids)
     """), {"ids": list({job.hook_id for job in jobs})}).all()
     return {row.id: (row.audience, row.active) for row in rows}
+
+
+ACCESS_CHECK_TTL = 1.0  # seconds an access check at delivery is reused for
+_access_checks: "collections.OrderedDict[tuple, tuple[bool, float]]" = \
+    collections.OrderedDict()
+
+
+def _may_still_read(reader: str, key: str, event, check: tuple[str, str]) -> bool:
+    """May the reader still see what this delivery shows? Judged by CKAN's
+    authorization at most ACCESS_CHECK_TTL ago: consecutive batches of one
+    event share the answer instead of asking once per batch and audience."""
+    cache_key = (event.id, key, check)
+    cached = _access_checks.get(cache_key)
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    allowed = audience.may_read(reader, check[0], check[1], event.package_id)
+    _access_checks[cache_key] = (allowed, time.monotonic() + ACCESS_CHECK_TTL)
+    _access_checks.move_to_end(cache_key)
+    while len(_access_checks) > 4096:
+        _access_checks.popitem(last=False)
+    return allowed
 
 
 def _access_check(event, topic: str) -> Optional[tuple[str, str]]:
@@ -512,7 +530,7 @@ def _send(jobs: list[_Job], sendable: list[_Job]):
         except Exception:  # noqa: BLE001 - this delivery's outcome, not the batch's
             log.exception("could not hand event %s for %s to the sender", job.event_id,
                           fingerprint(job.hook_id))
-            job.outcome = Outcome(None, "internal_error", 0.0)
+            job.outcome = Outcome(None, "internal_error", 0.0, sent=False)
     future = _process_sender().submit(requests) if requests else None
     return jobs, handed, future
 
@@ -784,9 +802,14 @@ def requeue(deliveries: Iterable[tuple[str, str]]) -> None:
 
     A delivery a worker holds right now is left to it (it is being sent: it
     is not sent a second time at once; if it fails it is retried on the
-    schedule). Rows are locked in the order every writer uses: (event, hook).
+    schedule). Locks are taken in the order every writer uses: the hooks by
+    id, then the deliveries by (event, hook).
     """
-    for hook_id, event_id in sorted(set(deliveries), key=lambda d: (d[1], d[0])):
+    deliveries = sorted(set(deliveries), key=lambda d: (d[1], d[0]))
+    model.Session.execute(sa.text("""
+        SELECT 1 FROM webhooks WHERE id = ANY(:ids) ORDER BY id COLLATE "C" FOR KEY SHARE
+    """), {"ids": sorted({hook_id for hook_id, _ in deliveries})}).all()
+    for hook_id, event_id in deliveries:
         # As it was last sent (a visibility change may have turned it into a
         # dataset/create or dataset/delete), for the hook's reader as it is now.
         model.Session.execute(sa.text(f"""

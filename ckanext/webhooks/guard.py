@@ -29,7 +29,7 @@ import re
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
 from ckan.plugins import toolkit
@@ -187,8 +187,10 @@ def resolve(address: str, allowed: Optional[list] = None,
             hosts: Optional[dict] = None) -> Target:
     """Parse, resolve and check ``address``; the Target holds checked IPs only.
 
-    ``hosts`` caches the outcome per (host, port) for the duration of one
-    batch of deliveries: many hooks share a receiver host.
+    Blocking, for input validation and the CLI: a name that does not resolve
+    within ``dns_timeout`` raises :class:`Unresolvable` (a Refused).
+    Deliveries use :class:`Resolver` instead. ``hosts`` caches the outcome
+    per (host, port) for the caller's while.
     """
     scheme, host, port, path = parse(address)
     if allowed is None:
@@ -285,16 +287,36 @@ class Resolver:
             collections.OrderedDict()
         self._inflight: dict[str, asyncio.Future] = {}
         self._slow: dict[str, float] = {}
+        # (host, allowed networks) -> (until, checked addresses or the Refused)
+        self._verdicts: "collections.OrderedDict[tuple, tuple[float, Any]]" = \
+            collections.OrderedDict()
 
     async def target(self, parsed: tuple[str, str, int, str], allowed: list,
-                     deadline: Optional[float] = None) -> Target:
+                     deadline: Optional[float] = None, allowed_key: Optional[tuple] = None
+                     ) -> Target:
         """The checked Target of a :func:`parse` result. Raises Refused, or
         Unresolvable when the name cannot be resolved by ``deadline``
-        (``loop.time()``) or within ``timeout``."""
+        (``loop.time()``) or within ``timeout``. ``allowed_key``: ``tuple(allowed)``,
+        if the caller has it already."""
         scheme, host, port, path = parsed
-        literal = _ip_literal(host)
-        ips = (literal,) if literal is not None else await self.addresses(host, port, deadline)
-        return Target(scheme, host, port, path, checked(ips, allowed))
+        key = (host, tuple(allowed) if allowed_key is None else allowed_key)
+        now = asyncio.get_running_loop().time()
+        verdict = self._verdicts.get(key)
+        if verdict is None or verdict[0] <= now:
+            literal = _ip_literal(host)
+            ips = (literal,) if literal is not None else \
+                await self.addresses(host, port, deadline)
+            try:
+                found: Any = checked(ips, allowed)
+            except Refused as refused:
+                found = refused
+            # As long as the answer is cached: a fan-out checks each host once.
+            verdict = self._verdicts[key] = (now + self.cache_seconds, found)
+            while len(self._verdicts) > 4096:
+                self._verdicts.popitem(last=False)
+        if isinstance(verdict[1], Refused):
+            raise type(verdict[1])(*verdict[1].args)  # a fresh one: tracebacks do not pile up
+        return Target(scheme, host, port, path, verdict[1])
 
     async def addresses(self, host: str, port: int, deadline: Optional[float] = None
                         ) -> tuple[IPAddress, ...]:

@@ -5,7 +5,7 @@ import ckan.plugins as plugins
 from ckan.lib.plugins import DefaultTranslation
 from ckan.plugins import toolkit
 
-from . import capture, celery_app
+from . import capture, celery_app, views
 
 
 @toolkit.blanket.actions
@@ -20,6 +20,7 @@ class WebhooksPlugin(plugins.SingletonPlugin, DefaultTranslation):
     plugins.implements(plugins.IConfigurer)
     plugins.implements(plugins.IConfigurable)
     plugins.implements(plugins.IDomainObjectModification, inherit=True)
+    plugins.implements(plugins.IMiddleware, inherit=True)
 
     # IConfigurer
 
@@ -31,6 +32,13 @@ class WebhooksPlugin(plugins.SingletonPlugin, DefaultTranslation):
     def configure(self, config):
         celery_app.configure(config)  # used by the worker and the CLI
         capture.install_listeners()
+
+    # IMiddleware
+
+    def make_middleware(self, app, config):
+        if hasattr(app, "register_error_handler"):  # the Flask app
+            views.refuse_cookie_creation_with_403(app)
+        return app
 
     # IDomainObjectModification
 

@@ -37,6 +37,8 @@ def secrets_of(secrets: Secrets) -> tuple[str, ...]:
         return ()
     if isinstance(secrets, str):
         return (secrets,)
+    if isinstance(secrets, tuple) and all(secrets):
+        return secrets
     return tuple(s for s in secrets if s)
 
 
@@ -65,7 +67,8 @@ def headers(event_id: str, body: Union[str, bytes], secrets: Secrets = None,
         "webhook-id": event_id,
         "webhook-timestamp": str(timestamp),
     }
-    if secrets_of(secrets):
+    secrets = secrets_of(secrets)
+    if secrets:
         out["webhook-signature"] = signature(
             event_id, timestamp, body.encode("utf-8") if isinstance(body, str) else body,
             secrets)

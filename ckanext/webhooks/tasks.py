@@ -29,6 +29,11 @@ def _ask(count: int) -> None:
 
 @celery.task(name=FANOUT)
 def fanout() -> int:
+    with dispatcher.sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
+        return _fanout()
+
+
+def _fanout() -> int:
     events, queued = fan_out()
     if events == FANOUT_EVENTS:  # more may be waiting
         try:
@@ -49,12 +54,13 @@ def fanout() -> int:
 
 @celery.task(name=DRAIN)
 def drain() -> int:
-    done, more = dispatcher.drain()
-    if done:
-        log.info("delivery attempts made: %d", done)
-    if more:
-        _ask(1)
-    return done
+    with dispatcher.sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
+        done, more = dispatcher.drain()
+        if done:
+            log.info("delivery attempts made: %d", done)
+        if more:  # another worker (or this one's next process) goes on
+            _ask(1)
+        return done
 
 
 @celery.task(name=SWEEP)

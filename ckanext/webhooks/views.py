@@ -53,6 +53,33 @@ def _limit_anonymous_creation():
     return response
 
 
+def refuse_cookie_creation_with_403(app) -> None:
+    """CKAN 2.11 checks CSRF on every cookie-authenticated API call itself and
+    answers a missing token with 400; 2.12 leaves it to the action, whose auth
+    function answers 403. Make webhook_create's refusal a 403 on both (other
+    CSRF failures keep CKAN's own answer)."""
+    from flask_wtf.csrf import CSRFError
+    from werkzeug.exceptions import BadRequest
+    previous = app.error_handler_spec.get(None, {}).get(400, {}).get(BadRequest)
+
+    def handler(error):
+        if not _API_CREATE.match(toolkit.request.path):
+            return previous(error) if previous is not None else error
+        response = jsonify({
+            "help": toolkit.url_for("api.action", logic_function="help_show", ver=3,
+                                    name="webhook_create", _external=True),
+            "success": False,
+            "error": {"__type": "Authorization Error", "message": _(
+                "A webhook_create call authenticated by a session cookie must carry the "
+                "CSRF token (X-CSRFToken header); use an API token instead")}})
+        response.status_code = 403
+        return response
+    app.register_error_handler(CSRFError, handler)
+
+
+_API_CREATE = re.compile(r"^/api/(?:\d+/)?action/webhook_create/?$")
+
+
 @webhooks.before_request
 def _check_csrf_token():
     """Every POST of these pages carries CKAN's CSRF token. CKAN 2.12 exempts

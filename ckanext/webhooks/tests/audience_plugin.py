@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import ckan.plugins as plugins
-from ckan import authz, model
+from ckan import authz, model, plugins
 from ckan.plugins import toolkit
 
 REDACTED_PREFIX = "redacted-for-"

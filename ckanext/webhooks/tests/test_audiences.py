@@ -31,19 +31,23 @@ delivery, attempt or pending rendering for it.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import signal
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
+import ckan
 import ckanapi
 import pytest
 import requests
 import sqlalchemy as sa
-
 from ckan import model
 from ckan.plugins import toolkit
 from ckan.tests import factories
@@ -63,8 +67,11 @@ ALL4 = ["anon", "editor", "outsider", "sysadmin"]
 ORG_HOOKS = ["anon-org", "outsider-org"]
 GRP_HOOKS = ["anon-grp", "outsider-grp"]
 PASSWORD = "Audiences-test-passw0rd"
+CKAN_2_11 = ckan.__version__.startswith("2.11.")
 ABSENT = "<absent>"
-WAIT = 30.0
+# A deadline, never a pause: long enough for a worker to take over work whose
+# lease ran out (60 s) if PostgreSQL restarts under the run.
+WAIT = 90.0
 
 
 def _name(prefix: str) -> str:
@@ -76,8 +83,9 @@ def _rows(sql: str, **params) -> list:
         return list(conn.execute(sa.text(sql), params).mappings().all())
 
 
-def _schedule() -> list[str]:
-    return str(toolkit.config.get("ckanext.webhooks.retry_schedule")).split()
+def _schedule() -> list[float]:
+    raw = toolkit.config.get("ckanext.webhooks.retry_schedule")
+    return [float(x) for x in (raw.split() if isinstance(raw, str) else raw)]
 
 
 def _poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
@@ -108,12 +116,12 @@ class Reader:
     """A reader, and how to ask the live action API as that reader."""
     label: str
     url: str
-    user: Optional[dict] = None
-    token: Optional[str] = None
-    session: Optional[requests.Session] = None
+    user: dict | None = None
+    token: str | None = None
+    session: requests.Session | None = None
 
     @property
-    def name(self) -> Optional[str]:
+    def name(self) -> str | None:
         return self.user["name"] if self.user else None
 
     @property
@@ -152,10 +160,7 @@ class World:
     group: dict
     paths: dict[str, HookPath] = field(default_factory=dict)
 
-    def reader_of(self, label: str) -> Reader:
-        return self.readers[label.split("-")[0]]
-
-    def new_user(self, org_role: Optional[str] = None) -> dict:
+    def new_user(self, org_role: str | None = None) -> dict:
         user = factories.User(password=PASSWORD, image_url="")
         if org_role:
             self.admin.action.organization_member_create(
@@ -182,11 +187,10 @@ def _shared_workers(request) -> list:
 def stack(request, webhooks_tables):
     """conftest's private_stack for a whole module: a CKAN server and a worker
     with the audience plugin, the shared worker frozen meanwhile."""
-    frozen = list(_shared_workers(request))
-    for proc in frozen:
+    frozen = []
+    for proc in _shared_workers(request):
         os.killpg(proc.proc.pid, signal.SIGSTOP)
-    with model.meta.engine.begin() as conn:  # hooks of earlier tests: gone receivers
-        conn.execute(sa.text("DELETE FROM webhooks"))
+        frozen.append(proc)
     web_port, solr_port = processes.free_port(), processes.free_port()
     url = f"http://127.0.0.1:{web_port}"
     # A Solr stand-in of its own: the suite's is shared with other runs on
@@ -198,6 +202,8 @@ def stack(request, webhooks_tables):
     started = []
     receiver = Receiver().start()
     try:
+        with model.meta.engine.begin() as conn:  # hooks of earlier tests: gone receivers
+            conn.execute(sa.text("DELETE FROM webhooks"))
         started.append(processes.start_solr_standin(solr_port))
         started.append(processes.start_ckan(ini, web_port))
         worker = processes.start_worker(ini, concurrency=1, name="worker-audiences")
@@ -207,6 +213,8 @@ def stack(request, webhooks_tables):
         receiver.stop()
         for proc in reversed(started):
             proc.stop()
+        with model.meta.engine.begin() as conn:  # no later test delivers to these receivers
+            conn.execute(sa.text("DELETE FROM webhooks"))
         ini.unlink()
         for proc in frozen:
             os.killpg(proc.proc.pid, signal.SIGCONT)
@@ -251,16 +259,16 @@ def world(stack) -> World:
 class Want:
     topic: str
     dataset: str
-    reason: Optional[str] = None
-    name: Optional[str] = None      # dataset/delete: the name before the change
-    resource: Optional[str] = None  # resource/*
+    reason: str | None = None
+    name: str | None = None      # dataset/delete: the name before the change
+    resource: str | None = None  # resource/*
 
     def key(self) -> tuple:
         return (self.topic, self.reason or ABSENT, self.dataset, self.resource)
 
 
-def want(labels: list[str], topic: str, dataset: str, reason: Optional[str] = None,
-         name: Optional[str] = None, resource: Optional[str] = None) -> list[tuple[str, Want]]:
+def want(labels: list[str], topic: str, dataset: str, reason: str | None = None,
+         name: str | None = None, resource: str | None = None) -> list[tuple[str, Want]]:
     if topic in ("dataset/create", "dataset/delete"):
         assert reason, "dataset/create and dataset/delete always carry a reason"
     if topic == "dataset/delete":
@@ -269,9 +277,25 @@ def want(labels: list[str], topic: str, dataset: str, reason: Optional[str] = No
             for label in labels]
 
 
+def first_move_echo(labels: list[str], dataset: str) -> list[tuple[str, Want]]:
+    """CKAN 2.11's package_owner_org_update commits in the middle of
+    package_update (``Member.save()`` for the old organization's membership),
+    then commits the new organization's membership row: a move into an
+    organization the dataset was never in is two commits there, and the
+    second is a dataset/update for whoever reads the dataset after the move
+    (it is in their view before and after that commit). CKAN 2.12 commits
+    once; so does 2.11 moving back into an organization the dataset was in
+    (its membership row is kept)."""
+    return want(labels, "dataset/update", dataset) if CKAN_2_11 else []
+
+
+def id_of(reader: Reader) -> tuple:
+    return (reader.label, reader.token, id(reader.session))
+
+
 def _key(body: dict) -> tuple:
     data = body.get("data") or {}
-    reason = body["reason"] if "reason" in body else ABSENT
+    reason = body.get("reason", ABSENT)
     if body.get("topic", "").startswith("resource/"):
         return (body.get("topic"), reason, data.get("package_id"), data.get("id"))
     return (body.get("topic"), reason, data.get("id"), None)
@@ -299,14 +323,14 @@ class Ledger:
             self._bodies[key] = received.json
         return self._bodies[key]
 
-    def _dataset_of(self, body: dict) -> Optional[str]:
+    def _dataset_of(self, body: dict) -> str | None:
         data = body.get("data") or {}
         if body.get("topic", "").startswith("resource/"):
             return data.get("package_id")
         return data.get("id")
 
-    def received(self, path: str, requests_: Optional[list] = None,
-                 datasets: Optional[set] = None) -> list[dict]:
+    def received(self, path: str, requests_: list | None = None,
+                 datasets: set | None = None) -> list[dict]:
         requests_ = self.world.receiver.requests if requests_ is None else requests_
         datasets = self.subjects if datasets is None else datasets
         return [self._body(r) for r in requests_[self.start:]
@@ -345,17 +369,25 @@ class Ledger:
                                 f"got {[_key(b) for b in fresh]}")
             bodies[path] = fresh
         assert not problems, f"{what}:\n  " + "\n  ".join(problems)
+        views: dict = {}  # (reader, action, id) -> the live API's answer, once per step
         for path, wanted in new.items():
             by_key = collections.defaultdict(list)
             for wish in wanted:
                 by_key[wish.key()].append(wish)
             for body in bodies[path]:
-                self._check(what, path, body, by_key[_key(body)].pop())
+                self._check(what, path, body, by_key[_key(body)].pop(), views)
         self.counts = target
         return {path: bodies[path] for path in new}
 
-    def _check(self, what: str, path: str, body: dict, wish: Want) -> None:
+    def _check(self, what: str, path: str, body: dict, wish: Want, views: dict) -> None:
         hook = self.paths[path]
+
+        def live(action: str, id: str) -> dict:
+            key = (id_of(hook.reader), action, id)
+            if key not in views:
+                views[key] = hook.reader.show(action, id)
+            return views[key]
+
         where = f"{what}: {path}"
         assert body["webhook_id"] == hook.hook_id, where
         assert body["topic"] == wish.topic, where
@@ -369,27 +401,39 @@ class Ledger:
         elif wish.topic == "resource/delete":
             assert data == {"id": wish.resource, "package_id": wish.dataset}, where
         elif wish.topic.startswith("dataset/"):
-            assert data == hook.reader.show("package_show", wish.dataset), where
+            assert data == live("package_show", wish.dataset), where
         else:
-            assert data == hook.reader.show("resource_show", wish.resource), where
+            assert data == live("resource_show", wish.resource), where
 
     def sync(self) -> str:
-        """A later public dataset through every topic; returns when every hook
-        that may see it heard of it."""
-        admin = self.world.admin
-        sync = self.world.dataset("sync", groups=[{"id": self.world.group["id"]}],
-                                  resources=[{"name": "data", "url": "http://data.invalid/s"}])
-        resource = sync["resources"][0]["id"]
-        admin.action.resource_patch(id=resource, description="sync")
-        admin.action.resource_delete(id=resource)
-        admin.action.package_delete(id=sync["id"])
+        """A later public dataset (in A and G) through every topic; returns when
+        every hook that may see it heard of it. Each change waits for the one
+        before to be heard: an event is rendered when it is fanned out, and a
+        dataset deleted by then is nobody's to render."""
+        admin = self.world.admin.action
         waiting = [p for p, hook in self.paths.items() if hook.hears_sync]
-        try:
-            self.world.receiver.wait_for(lambda rs: all(
-                self.received(p, rs, {sync["id"]}) for p in waiting), WAIT)
-        except AssertionError:
-            deaf = [p for p in waiting if not self.received(p, datasets={sync["id"]})]
-            raise AssertionError(f"sync dataset not heard at {deaf}") from None
+        sync = {}
+
+        def heard(*topics: str) -> None:
+            paths = [p for p in waiting if "/".join(p.split("/")[-2:]) in topics]
+            try:
+                self.world.receiver.wait_for(lambda rs: all(
+                    self.received(p, rs, {sync["id"]}) for p in paths), WAIT)
+            except AssertionError:
+                deaf = [p for p in paths if not self.received(p, datasets={sync["id"]})]
+                raise AssertionError(f"sync dataset: {topics} not heard at {deaf}") from None
+
+        sync.update(self.world.dataset("sync", groups=[{"id": self.world.group["id"]}],
+                                       resources=[{"name": "data",
+                                                   "url": "http://data.invalid/s"}]))
+        heard("dataset/create", "resource/create")
+        resource = sync["resources"][0]["id"]
+        admin.resource_patch(id=resource, description="sync")
+        heard("dataset/update", "resource/update")
+        admin.resource_delete(id=resource)
+        heard("resource/delete")
+        admin.package_delete(id=sync["id"])
+        heard("dataset/delete")
         return sync["id"]
 
     def finish(self) -> str:
@@ -522,7 +566,7 @@ def test_a_reader_whose_rendering_fails_gets_nothing_and_delays_nobody(world):
     schedule = _schedule()
     rows = _wait_rendering(event_id, failing, lambda row: row["due"] is None,
                            "the failed renderings given up",
-                           timeout=WAIT + sum(map(float, schedule)) * 1.2)
+                           timeout=WAIT + sum(schedule) * 1.2)
     for audience in failing:
         assert rows[audience]["data"] is None and rows[audience]["error"], rows[audience]
         assert rows[audience]["attempts"] == len(schedule), rows[audience]
@@ -565,7 +609,8 @@ def test_visibility_transitions(world):
     admin.package_patch(id=ds["id"], owner_org=world.org_b["id"])
     ledger.step("private, moved to an organization the editor cannot read",
                 want(["editor"], "dataset/delete", ds["id"], "hidden", name=new_name),
-                want(["sysadmin"], "dataset/update", ds["id"]))
+                want(["sysadmin"], "dataset/update", ds["id"]),
+                first_move_echo(["sysadmin"], ds["id"]))
     admin.package_patch(id=ds["id"], title="Edited elsewhere")
     ledger.step("edited where only the sysadmin reads it",
                 want(["sysadmin"], "dataset/update", ds["id"]))
@@ -608,7 +653,8 @@ def test_organization_and_group_filter_moves(world):
     admin.package_patch(id=ds["id"], owner_org=world.org_b["id"])
     ledger.step("moved to organization B",
                 want(ORG_HOOKS, "dataset/delete", ds["id"], "filtered_out", name=ds["name"]),
-                want(ALL4, "dataset/update", ds["id"]))
+                want(ALL4, "dataset/update", ds["id"]),
+                first_move_echo(ALL4, ds["id"]))
     admin.package_patch(id=ds["id"], owner_org=world.org_a["id"])
     ledger.step("moved back to organization A",
                 want(ORG_HOOKS, "dataset/create", ds["id"], "filtered_in"),
@@ -688,43 +734,104 @@ def test_organization_bulk_actions(world):
     ledger.finish()
 
 
+class HoldingReceiver:
+    """A receiver (127.0.0.3) that answers the verification handshake and
+    holds the first delivery until ``release`` is set, then answers it 503;
+    later deliveries get 200. Records (body, status) of each delivery."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.first_arrived = threading.Event()
+        self.deliveries: list[tuple[dict, int]] = []
+        self._lock = threading.Condition()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                challenge = self.headers.get("webhook-challenge")
+                if challenge is not None:
+                    return self._answer(200, challenge.encode())
+                with receiver._lock:
+                    first = not receiver.deliveries
+                    status = 503 if first else 200
+                    receiver.deliveries.append((json.loads(body), status))
+                    receiver._lock.notify_all()
+                if first:
+                    receiver.first_arrived.set()
+                    receiver.release.wait(WAIT)
+                self._answer(status, b"{}")
+
+            def _answer(self, status: int, reply: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.3", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.3:{self.server.server_address[1]}{path}"
+
+    def wait_for(self, predicate, what: str) -> None:
+        with self._lock:
+            if not self._lock.wait_for(lambda: predicate(self.deliveries), WAIT):
+                raise AssertionError(f"{what}: got {self.deliveries}")
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_resource_authorization_is_checked_again_at_delivery(world):
-    """An anonymous resource/update delivery fails once; before its retry the
-    resource becomes 'restricted' (anonymous may no longer resource_show it):
-    the retry is dropped, not sent, and the restricted update never arrives."""
+    """An anonymous resource/update delivery is held in flight at the receiver
+    while the resource becomes 'restricted' (anonymous may no longer
+    resource_show it), then answered 503: the retry, prepared after the
+    change, is not sent; the restricted update itself never arrives; the
+    next allowed update does."""
     admin = world.admin.action
     ds = world.dataset("recheck", resources=[{"name": "data", "url": "http://data.invalid/r"}])
     resource = ds["resources"][0]["id"]
-    path = "/recheck/resource/update"
-    world.receiver.scripts[path] = [503, 200]
-    hook = world.readers["anon"].client.action.webhook_create(
-        topic="resource/update", address=world.receiver.url(path), dataset=ds["id"])
-    admin.resource_patch(id=resource, description="first")
-    [first] = world.receiver.wait_count(path, 1, timeout=WAIT)
-    os.killpg(world.worker.proc.pid, signal.SIGSTOP)  # the retry is due in a second or more
+    holding = HoldingReceiver()
     try:
-        first_body = first.json
-        assert first.status == 503 and first_body["data"]["description"] == "first"
-        assert first_body["data"] == world.readers["anon"].show("resource_show", resource)
-        admin.resource_patch(id=resource, name="restricted-now")
+        hook = world.readers["anon"].client.action.webhook_create(
+            topic="resource/update", address=holding.url("/recheck"), dataset=ds["id"])
+        admin.resource_patch(id=resource, description="first")
+        assert holding.first_arrived.wait(WAIT), "the first update did not arrive"
+        [(first, _status)] = holding.deliveries
+        assert first["data"]["description"] == "first" and first["data"]["name"] == "data"
+        assert first["data"] == world.readers["anon"].show("resource_show", resource)
+        admin.resource_patch(id=resource, name="restricted-now")  # committed before the 503
+        holding.release.set()
+        # The restricted update is an event, fanned out while the resource is
+        # restricted (the sysadmin heard it so) ...
+        world.receiver.wait_for(lambda rs: any(
+            r.path == "/sysadmin/resource/update" and r.json["data"]["id"] == resource
+            and r.json["data"]["name"] == "restricted-now" for r in rs), WAIT)
+        # ... and the first event's retry, due while the resource is restricted,
+        # is settled (its row gone) without being sent again ...
+        _poll(lambda: not _rows("SELECT 1 FROM webhooks_delivery WHERE hook_id = :h"
+                                " AND event_id = :e", h=hook, e=first["event_id"]),
+              "the failed delivery settled")
+        # ... and the next allowed update arrives.
+        admin.resource_patch(id=resource, name="data-again")
+        holding.wait_for(lambda ds_: any(b["data"]["name"] == "data-again" for b, _ in ds_),
+                         "the allowed update after the restricted one")
+        sent = [(b["event_id"], b["data"]["name"], status) for b, status in holding.deliveries]
+        assert len(sent) == 2 and sent[0] == (first["event_id"], "data", 503), sent
+        assert sent[1][0] != first["event_id"] and sent[1][1:] == ("data-again", 200), sent
+        assert holding.deliveries[1][0]["data"] == world.readers["anon"].show(
+            "resource_show", resource)
     finally:
-        os.killpg(world.worker.proc.pid, signal.SIGCONT)
-    admin.resource_patch(id=resource, name="data-again")
-    world.receiver.wait_for(lambda rs: any(
-        r.path == path and r.json["data"]["name"] == "data-again" for r in rs), WAIT)
-    # The restricted update was an event (the sysadmin heard it) ...
-    world.receiver.wait_for(lambda rs: any(
-        r.path == "/sysadmin/resource/update" and r.json["data"]["id"] == resource
-        and r.json["data"]["name"] == "restricted-now" for r in rs), WAIT)
-    # ... and the first event's retry is settled without being sent again.
-    _poll(lambda: not _rows("SELECT 1 FROM webhooks_delivery WHERE hook_id = :h"
-                            " AND event_id = :e", h=hook, e=first_body["event_id"]),
-          "the failed delivery settled")
-    bodies = [r.json for r in world.receiver.on(path)]
-    assert [(b["event_id"], b["data"]["name"]) for b in bodies] == [
-        (first_body["event_id"], "data"), (bodies[1]["event_id"], "data-again")]
-    assert bodies[1]["event_id"] != first_body["event_id"]
-    assert bodies[1]["data"] == world.readers["anon"].show("resource_show", resource)
+        holding.stop()
 
 
 def _log_in(url: str, user: dict) -> requests.Session:
@@ -747,29 +854,29 @@ def test_a_session_cookie_binds_a_hook_only_with_the_csrf_token(world):
     ckanapi.RemoteCKAN(world.url).action.status_show()  # anonymous API use first
     api = f"{world.url}/api/3/action/webhook_create"
     refused = {
-        "form": dict(data={"topic": "dataset/update"}),
-        "json": dict(json={"topic": "dataset/update"}),
-        "bad-token": dict(data={"topic": "dataset/update"},
-                          headers={"X-CSRFToken": "not-the-token"}),
+        "form": {"data": {"topic": "dataset/update"}},
+        "json": {"json": {"topic": "dataset/update"}},
+        "bad-token": {"data": {"topic": "dataset/update"},
+                          "headers": {"X-CSRFToken": "not-the-token"}},
     }
-    addresses = []
+    addresses, statuses = [], {}
     for kind, request in refused.items():
         address = world.receiver.url(f"/csrf-refused/{kind}")
         body = request.get("data") or request.get("json")
         body["address"] = address
-        answer = web.post(api, **request)
-        assert answer.status_code == 403, (kind, answer.status_code, answer.text[:300])
+        statuses[kind] = web.post(api, **request).status_code
         addresses.append(address)
     assert _rows("SELECT id FROM webhooks WHERE address = ANY(:a)", a=addresses) == []
+    assert not {kind: status for kind, status in statuses.items() if status == 200}
 
     token = _csrf_token(web.get(f"{world.url}/webhooks/new").text)
     reader = Reader("member", world.url, member, session=web)
     ledger = Ledger(world)
     bound = {}
     accepted = {
-        "header-form": dict(data={}, headers={"X-CSRFToken": token}),
-        "field-form": dict(data={"_csrf_token": token}),
-        "header-json": dict(json={}, headers={"X-CSRFToken": token}),
+        "header-form": {"data": {}, "headers": {"X-CSRFToken": token}},
+        "field-form": {"data": {"_csrf_token": token}},
+        "header-json": {"json": {}, "headers": {"X-CSRFToken": token}},
     }
     for kind, request in accepted.items():
         path = f"/csrf-bound/{kind}/dataset/update"
@@ -803,6 +910,8 @@ def test_a_session_cookie_binds_a_hook_only_with_the_csrf_token(world):
     for path in bound:
         assert got[path][0]["data"]["author_email"] == reader_label(member["name"])
     ledger.finish()
+    # Refused as the contract says (checked last, so that the rest is judged too).
+    assert statuses == {kind: 403 for kind in refused}
 
 
 def test_revoked_token_falls_back_to_anonymous_and_deleted_user_hears_nothing(world):

@@ -13,9 +13,10 @@ import sqlalchemy as sa
 from . import processes
 
 CKAN = str(processes.BIN / "ckan")
-# A database of its own per CKAN version (their core schemas differ).
+# A database of its own per CKAN version (their core schemas differ). A test
+# slot's ini is .run/test-slotN-2.11.ini.
 MIGRATIONS_DB = "postgresql://ckan_webhooks:ckan_webhooks@127.0.0.1:5432/" + (
-    "ckanext_webhooks_migrations_2_11" if processes.TEST_INI.name == "test-2.11.ini"
+    "ckanext_webhooks_migrations_2_11" if processes.TEST_INI.name.endswith("2.11.ini")
     else "ckanext_webhooks_migrations")
 
 

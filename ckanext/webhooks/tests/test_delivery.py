@@ -367,7 +367,8 @@ def test_waiting_for_a_slot_past_the_deadline_is_a_timeout_never_sent():
         sender = Sender(total_timeout=1.5, per_host=1, slow_lane_per_host=1)
         target = guard.resolve(hosts.urls()[0], ALLOWED)
         outcomes = sender.post_many([(target, b"{}", {}) for _ in range(3)])
-        assert [o.error for o in outcomes] == ["timeout"] * 3
+        assert [(o.error, o.sent) for o in outcomes] == \
+            [("timeout", True), ("timeout", False), ("timeout", False)]
         assert hosts.requests == 1  # the other two never left
     finally:
         hosts.close()
@@ -387,8 +388,8 @@ def test_a_request_that_cannot_be_signed_or_built_fails_alone(server):
         object(),  # not a request at all
         Request(target, b"{}", "msg_good", (good,)),
     ])
-    assert [(o.status, o.error) for o in outcomes] == [
-        (None, "internal_error"), (None, "internal_error"), (204, None)]
+    assert [(o.status, o.error, o.sent) for o in outcomes] == [
+        (None, "internal_error", False), (None, "internal_error", False), (204, None, True)]
     assert len(seen) == 1 and b"msg_good" in seen[0][0]
 
 

@@ -90,3 +90,24 @@ def test_https_only(monkeypatch):
     with pytest.raises(guard.Refused, match="https"):
         guard.parse("http://127.0.0.2/")
     assert guard.parse("https://127.0.0.2/")[0] == "https"
+
+
+def test_a_name_that_does_not_resolve_is_unresolvable(monkeypatch):
+    """Input validation: a name that fails to resolve, or does not resolve in
+    ``dns_timeout``, is refused as Unresolvable (a Refused), not hung on.
+    Names answered by the test DNS stand-in (tests/netguard/sitecustomize.py)."""
+    from ckan.plugins import toolkit
+
+    from . import dns_standin as dns
+    monkeypatch.setitem(toolkit.config, "ckanext.webhooks.dns_timeout", "0.5")
+    down, hangs = dns.name("down"), dns.name("hangs")
+    dns.fail(down, "EAI_NONAME")
+    dns.hang(hangs)
+    try:
+        with pytest.raises(guard.Unresolvable, match="could not be resolved"):
+            guard.resolve(f"http://{down}/", ALLOW_TEST_RECEIVER)
+        with pytest.raises(guard.Unresolvable, match="in time"):
+            guard.resolve(f"http://{hangs}/", ALLOW_TEST_RECEIVER)
+        assert issubclass(guard.Unresolvable, guard.Refused)
+    finally:
+        dns.answer(hangs, "127.0.0.2")

@@ -77,6 +77,12 @@ def _attempts(hook_id: str) -> list[tuple]:
             "ORDER BY id"), {"h": hook_id})]
 
 
+def _at_least(count: int, hook_id: str):
+    """The hook's logged attempts once there are ``count`` of them (else None)."""
+    rows = _attempts(hook_id)
+    return rows if len(rows) >= count else None
+
+
 def _hook(hook_id: str):
     with model.meta.engine.connect() as conn:
         return conn.execute(sa.text(
@@ -116,10 +122,9 @@ def test_unresolvable_names_are_retried_and_refused_names_refused(
             _update(dataset["id"])
         for _ in range(2):
             _update(other["id"])
-        _wait(lambda: len(_attempts(flaky_hook)) >= 4, what="four failed attempts")
+        _wait(lambda: _at_least(4, flaky_hook), what="four failed attempts")
         dns.fail(flaky, "EAI_AGAIN")
-        failed = _wait(lambda: (lambda rows: rows if len(rows) >= 8 else None)(
-            _attempts(flaky_hook)), what="eight failed attempts")
+        failed = _wait(lambda: _at_least(8, flaky_hook), what="eight failed attempts")
         assert {(status, error) for _, status, error in failed} == {(None, "dns_error")}
         assert len({event for event, _, _ in failed}) == 3
         state = _hook(flaky_hook)
@@ -134,8 +139,7 @@ def test_unresolvable_names_are_retried_and_refused_names_refused(
         assert {r.json["event_id"] for r in arrived} == {event for event, _, _ in failed}
         assert _hook(flaky_hook) is not None
 
-        refused = _wait(lambda: (lambda rows: rows if len(rows) >= 2 else None)(
-            _attempts(evil_hook)), what="two refused attempts")
+        refused = _wait(lambda: _at_least(2, evil_hook), what="two refused attempts")
         assert [(status, error) for _, status, error in refused] == \
             [(None, "refused_address")] * 2
         assert len({event for event, _, _ in refused}) == 2  # one per update, not retried
@@ -207,3 +211,31 @@ def test_slow_receivers_do_not_delay_healthy_ones(private_stack, dataset):
     finally:
         silent.close()
         healthy.stop()
+
+
+def test_ping_resolves_at_the_attempt(live_ckan, receiver):
+    """webhook_ping goes through the same sender: a name that does not resolve
+    is a ``dns_error`` (not ``refused_address``), and once it resolves the
+    ping arrives, signed at its sending."""
+    import base64
+    import os
+
+    import ckanapi
+    from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+    host = dns.name("ping")
+    dns.fail(host, "EAI_AGAIN")
+    secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    hook_id = _add_hook(f"http://{host}:{receiver.port}/ping", host)
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE webhooks SET secret = :s WHERE id = :h"),
+                     {"s": secret, "h": hook_id})
+    anon = ckanapi.RemoteCKAN(live_ckan)
+    failed = anon.action.webhook_ping(id=hook_id)
+    assert (failed["ok"], failed["status"], failed["error"]) == (False, None, "dns_error")
+    dns.answer(host, "127.0.0.2")
+    pinged = anon.action.webhook_ping(id=hook_id)
+    assert pinged["ok"] is True and pinged["status"] == 200
+    [arrived] = receiver.on("/ping")
+    assert arrived.json["event_id"] == pinged["event_id"]
+    StandardWebhook(secret).verify(arrived.body, arrived.headers)

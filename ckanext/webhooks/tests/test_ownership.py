@@ -12,6 +12,7 @@ import collections
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -36,6 +37,9 @@ def dataset(with_plugins, organization):
 # The receivers of these tests answer slowly on purpose, all of them on one
 # address: room for all of their requests at once in the sender's slow lane.
 SLOW_OK = {"ckanext.webhooks.slow_lane_per_host": "16"}
+# Exactly once is asserted: no attempt may time out on a loaded machine (a
+# timed-out attempt is retried, and may have arrived: a duplicate by design).
+PATIENT = {"ckanext.webhooks.timeout": "10"}
 
 
 def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
@@ -85,6 +89,17 @@ def _claim_tokens() -> list:
 
 def _signal_group(proc: processes.Process, sig: int) -> None:
     os.killpg(proc.proc.pid, sig)
+
+
+def _attempts_made(proc: processes.Process) -> int:
+    """Delivery attempts a worker logged (drain tasks and fan-out tasks)."""
+    total = 0
+    for line in proc.output().splitlines():
+        if "delivery attempts made: " in line:
+            total += int(line.rsplit(" ", 1)[1])
+        elif " attempted here" in line:
+            total += int(line.rsplit(", ", 1)[1].split()[0])
+    return total
 
 
 # --- point 2: a lease never runs out under work still within its deadline ------
@@ -163,7 +178,7 @@ def test_a_plugin_raising_for_one_hook_spoils_only_its_delivery(private_stack, r
     and recorded; that one is retried on the schedule, given up and logged,
     with the hook's fingerprint and never its id or address."""
     from ckanext.webhooks.ids import fingerprint
-    settings = {**FAST, **_queue(), "ckan.plugins": "webhooks webhooks_test_plugin",
+    settings = {**FAST, **_queue(), **PATIENT, "ckan.plugins": "webhooks webhooks_test_plugin",
                 "ckanext.webhooks.retry_schedule": "0 1 1"}
     _, _, worker = private_stack(settings, web=False)
     [bad] = _add_hooks(receiver, 1, "/veto-raises")
@@ -189,15 +204,59 @@ def test_a_plugin_raising_for_one_hook_spoils_only_its_delivery(private_stack, r
     assert bad not in output and "/veto-raises" not in output
 
 
+def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_plugins,
+                                                        monkeypatch, caplog):
+    """Preparing a batch raises before any delivery of it is decided (here the
+    readers' lookup): each of its deliveries is retried on the schedule, not
+    counted against its hook, and the drain goes on (nothing is raised)."""
+    from ckanext.webhooks import dispatcher
+    from ckanext.webhooks.ids import fingerprint
+    hooks = [f"own-{uuid.uuid4().hex}" for _ in range(3)]
+    event = f"msg_own{uuid.uuid4().hex}"
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO webhooks (id, topic, address, host, created)
+            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now()
+              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
+            VALUES (:e, 'dataset/update', 'x', now(), now())"""), {"e": event})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
+            SELECT :e, h, 1, now() + interval '1 hour', 'token-batch'
+              FROM unnest(CAST(:hooks AS text[])) h"""), {"e": event, "hooks": hooks})
+    jobs = [dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
+                            claim_token="token-batch") for hook in hooks]
+
+    def lookup_fails(jobs):
+        raise RuntimeError(f"no readers for {jobs[0].hook_id}")
+    monkeypatch.setattr(dispatcher, "_readers_now", lookup_fails)
+    assert dispatcher._prepare_batch(jobs) == []
+    assert {job.prepare_error for job in jobs} == {"internal_error"}
+    assert "could not prepare event" in caplog.text and "and 2 other(s)" in caplog.text
+    assert fingerprint(hooks[0]) in caplog.text and hooks[0] not in caplog.text
+    dispatcher._record(jobs)
+    model.Session.remove()
+    with model.meta.engine.connect() as conn:
+        rows = conn.execute(sa.text("""
+            SELECT claim_token, due > now() AS later, last_error FROM webhooks_delivery
+             WHERE event_id = :e"""), {"e": event}).all()
+    assert [tuple(row) for row in rows] == [(None, True, "internal_error")] * 3
+    assert set(_hooks(hooks).values()) == {(0, 0)}
+    dispatcher._prepare_failed([], RuntimeError("after every delivery was decided"))
+    assert "could not prepare a batch (no delivery affected)" in caplog.text
+
+
 # --- point 6: overlapping batches recorded at once --------------------------------
 
 def test_overlapping_batches_are_recorded_without_deadlocks(private_stack, dataset):
     """Two workers (four processes, small batches) deliver five events to the
     same 300 hooks; batches of different events share hooks and are recorded
-    at the same time. No deadlock, and every hook counts exactly five."""
+    at the same time. No deadlock, every hook counts five successes, and as
+    many deliveries as the log has attempts."""
     from .receiver import Receiver
     receivers = [Receiver().start(), Receiver(host="127.0.0.3").start()]
-    settings = {**FAST, **_queue(), "ckanext.webhooks.batch_size": "25"}
+    settings = {**FAST, **_queue(), **PATIENT, "ckanext.webhooks.batch_size": "25"}
     _, ini, first = private_stack(settings, web=False)
     second = processes.start_worker(ini, concurrency=2, name="worker-overlap")
     try:
@@ -211,20 +270,19 @@ def test_overlapping_batches_are_recorded_without_deadlocks(private_stack, datas
         _wait(_queue_empty, 30, "every delivery recorded")
         logs = first.output() + second.output()
         counts = _hooks(hooks)
-        print(f"\noverlapping batches: {len(hooks)} hooks x 5 events, "
-              f"delivery counts {sorted(set(counts.values()))}, "
-              f"both workers took part: {'attempts made' in first.output()}, "
-              f"{'attempts made' in second.output()}")
+        print(f"\noverlapping batches: {len(hooks)} hooks x 5 events, (deliveries, "
+              f"successes) per hook {sorted(set(counts.values()))}; attempts made by the "
+              f"first worker {_attempts_made(first)}, by the second {_attempts_made(second)}")
         assert "deadlock" not in logs.lower()
-        assert set(counts.values()) == {(5, 5)}
+        logged = collections.Counter(hook for hook, _ in _attempts(hooks).elements())
+        assert counts == {hook: (logged[hook], 5) for hook in hooks}
     finally:
         second.stop()
         for receiver in receivers:
             receiver.stop()
 
 
-def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers,
-                                                             no_leftover_hooks):
+def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers, with_plugins):
     """Eight batches over the same 200 hooks, each in another order, recorded
     by eight threads at once (each its own database connection): all commit,
     with the right counts, and none is left to the deadlock detector."""
@@ -276,6 +334,31 @@ def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers,
     assert _pending() == 0
 
 
+def test_statistics_count_past_two_to_the_31(only_my_workers, with_plugins):
+    """delivery_count and success_count are 64-bit."""
+    from ckanext.webhooks import dispatcher
+    from ckanext.webhooks.delivery import Outcome
+    hook, event = f"own-{uuid.uuid4().hex}", f"msg_own{uuid.uuid4().hex}"
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO webhooks (id, topic, address, host, created, delivery_count,
+                                  success_count)
+            VALUES (:h, 'dataset/update', 'http://127.0.0.2/x', '127.0.0.2', now(),
+                    2147483647, 2147483647)"""), {"h": hook})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
+            VALUES (:e, 'dataset/update', 'x', now(), now())"""), {"e": event})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
+            VALUES (:e, :h, 1, now() + interval '1 hour', 'token-big')"""),
+            {"e": event, "h": hook})
+    dispatcher._record([dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
+                                        claim_token="token-big", topic="dataset/update",
+                                        outcome=Outcome(200, None, 0.01))])
+    model.Session.remove()
+    assert _hooks([hook]) == {hook: (2 ** 31, 2 ** 31)}
+
+
 # --- point 7: SIGTERM under load ------------------------------------------------------
 
 def test_sigterm_mid_fan_out_sends_nothing_twice_and_loses_nothing(private_stack, receiver,
@@ -285,13 +368,13 @@ def test_sigterm_mid_fan_out_sends_nothing_twice_and_loses_nothing(private_stack
     the wire, and exits; a new worker sends the rest. Every hook receives its
     delivery exactly once."""
     receiver.delay_for["/t/"] = 0.005
-    settings = {**FAST, **_queue(), "ckanext.webhooks.batch_size": "50"}
+    settings = {**FAST, **_queue(), **PATIENT, "ckanext.webhooks.batch_size": "50"}
     _, ini, worker = private_stack(settings, web=False)
     _add_hooks(receiver, 1000, "/t")
     _update(dataset["id"])
     receiver.wait_for(lambda rs: len(rs) >= 150, timeout=30)
     stopped_at = time.monotonic()
-    worker.stop()  # SIGTERM to every process of it; SIGKILL only after 15 s
+    worker.stop(timeout=30)  # SIGTERM to every process of it; SIGKILL after 30 s
     stop_seconds = time.monotonic() - stopped_at
     received_by_then = len(receiver.requests)
     output = worker.output()
@@ -347,3 +430,31 @@ def test_a_second_sigterm_hands_the_work_back_at_once(private_stack, receiver, d
         assert len(receipts) == 10 and set(receipts.values()) == {2}
     finally:
         replacement.stop()
+
+
+def test_sigterm_to_pool_processes_alone(private_stack, receiver, dataset):
+    """SIGTERM to the worker's pool processes only (an operator's kill, the
+    pool ending one): the one delivering records what it has on the wire,
+    asks for the rest to be drained, and exits; the worker starts a new pool
+    process, which goes on. Every hook receives its delivery exactly once."""
+    receiver.delay_for["/p/"] = 0.005
+    settings = {**FAST, **_queue(), **PATIENT, "ckanext.webhooks.batch_size": "50"}
+    _, _, worker = private_stack(settings, web=False)
+    _add_hooks(receiver, 600, "/p")
+    _update(dataset["id"])
+    receiver.wait_for(lambda rs: len(rs) >= 100, timeout=30)
+    children = [int(pid) for pid in subprocess.run(
+        ["pgrep", "-P", str(worker.proc.pid)], capture_output=True, text=True).stdout.split()]
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+    received_by_then = len(receiver.requests)
+    receiver.wait_for(lambda rs: len({r.path for r in rs}) >= 600, timeout=60)
+    _wait(_queue_empty, 30, "every delivery recorded")
+    receipts = _receipts(receiver, "/p/")
+    output = worker.output()
+    print(f"\nSIGTERM to {len(children)} pool process(es): {received_by_then} received by "
+          f"then; {len(receipts)} hooks, {sum(receipts.values())} receipts")
+    assert worker.alive()
+    assert "SIGTERM: finishing the deliveries on the wire" in output
+    assert received_by_then < 600, "the fan-out finished before SIGTERM: nothing was tested"
+    assert len(receipts) == 600 and set(receipts.values()) == {1}
