@@ -7,11 +7,9 @@ setup:            ## services, virtualenv and databases (idempotent)
 demo: setup       ## a CKAN with the extension, a worker and a receiver; shows a delivery
 	scripts/demo
 
-test:             ## the whole test suite on CKAN 2.12, then on CKAN 2.11
+test:             ## the whole test suite on CKAN 2.12 and 2.11, side by side (scripts/test-all)
 	scripts/stack both
-	scripts/test; s212=$$?; CKAN_VERSION=2.11 scripts/test; s211=$$?; \
-	    echo "test suite: CKAN 2.12 exit $$s212, CKAN 2.11 exit $$s211"; \
-	    [ $$s212 -eq 0 ] && [ $$s211 -eq 0 ]
+	scripts/test-all
 
 test-2.12: setup  ## the suite on CKAN 2.12 only
 	scripts/test

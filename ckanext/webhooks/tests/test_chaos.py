@@ -140,6 +140,7 @@ def test_two_workers_on_rabbitmq(private_stack, rabbitmq, receiver, dataset):
         second.stop()
 
 
+@pytest.mark.exclusive  # restarts the machine's PostgreSQL: run alone (scripts/test-all)
 def test_postgresql_restart_while_delivering(private_stack, receiver, dataset):
     cluster = _pg_cluster()
     receiver.delay_for["/pg"] = 0.01
