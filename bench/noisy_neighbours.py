@@ -343,9 +343,9 @@ def main() -> None:
                   "empty", flush=True)
 
             def progress() -> str:
-                got = sum(1 for r in receiver_get(RECEIVER_PORT, "/_receipts", control)
-                          ["receipts"] if r[1].startswith("/slow/"))
-                return f"{got}/{bound['slow_deliveries']} slow receipts"
+                got = {(r[1], r[2]) for r in receiver_get(RECEIVER_PORT, "/_receipts", control)
+                       ["receipts"] if r[1].startswith("/slow/")}
+                return f"{len(got)}/{bound['slow_deliveries']} slow deliveries received"
             drained, waited = wait_drained(RECEIVER_PORT, control, started, args.updates,
                                            timeout, progress)
             data = receiver_get(RECEIVER_PORT, "/_receipts", control)

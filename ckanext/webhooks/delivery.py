@@ -72,6 +72,10 @@ class Outcome:
     # be resolved, checked or signed, or waited for a slot or a connection
     # until its deadline): the receiver cannot have seen it.
     sent: bool = True
+    # True when the deadline passed while it waited for a slot of this worker
+    # (resolved and ready, never sent): this worker's congestion, not the
+    # receiver's failure; the queue gives it back without counting an attempt.
+    waited_for_slot: bool = False
 
     @property
     def ok(self) -> bool:
@@ -684,7 +688,7 @@ class Sender:
 
     async def _attempt(self, request: Request, parsed, allowed: tuple[list, tuple],
                        started: float, deadline: float) -> Outcome:
-        slot, outcome, wrote = None, None, [False]
+        slot, outcome, wrote, head_ready = None, None, [False], [False]
         try:
             # A deadline on this task, not a task of its own as wait_for would make.
             async with asyncio.timeout_at(deadline):
@@ -697,13 +701,15 @@ class Sender:
                                      request.event_id)
                 if request.event_id is not None:
                     signing.check_secrets(request.secrets)
+                head_ready[0] = True
                 slot = await self._gates.acquire((target.addresses[0], target.port),
                                                  target.host, request.health)
                 answer = await self._exchange(target, request, head, wrote)
             outcome = Outcome(answer.status, None, time.monotonic() - started, answer.body,
                               _retry_after(answer.retry_after))
         except (asyncio.TimeoutError, TimeoutError):
-            outcome = Outcome(None, "timeout", time.monotonic() - started)
+            outcome = Outcome(None, "timeout", time.monotonic() - started,
+                              waited_for_slot=slot is None and head_ready[0])
         except _Failed as failure:
             outcome = Outcome(failure.status, failure.kind, time.monotonic() - started)
         except guard.Unresolvable:

@@ -651,7 +651,7 @@ def _record(jobs: list[_Job]) -> None:
     if len(mine) < len(jobs):
         _report_lost([job for job in jobs if (job.event_id, job.hook_id) not in owned])
     schedule = retry_schedule()
-    finished, retries = [], []
+    finished, retries, handed_back = [], [], []
     per_hook: dict[str, dict] = {}
     for job in mine:
         if job.prepare_error is not None:  # nothing was sent
@@ -667,6 +667,9 @@ def _record(jobs: list[_Job]) -> None:
             continue
         if job.outcome is None:  # dropped: nothing was sent
             finished.append({"e": job.event_id, "h": job.hook_id})
+            continue
+        if job.outcome.waited_for_slot:  # never sent: not an attempt, not a failure
+            handed_back.append({"e": job.event_id, "h": job.hook_id})
             continue
         kind = _classify(job.outcome)
         stats = per_hook.setdefault(job.hook_id, {
@@ -692,7 +695,8 @@ def _record(jobs: list[_Job]) -> None:
 
     attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome,
                             job.reason)
-                for job in jobs if job.outcome is not None and job.prepare_error is None]
+                for job in jobs if job.outcome is not None and job.prepare_error is None
+                and not job.outcome.waited_for_slot]
     if attempts:
         log_attempts(attempts)
     if finished:
@@ -710,6 +714,14 @@ def _record(jobs: list[_Job]) -> None:
                 AS v(e text, h text, delay float8, status int, error text)
              WHERE d.event_id = v.e AND d.hook_id = v.h AND d.claim_token = :token
         """), {"rows": json.dumps(retries), "token": token})
+    if handed_back:
+        session.execute(sa.text("""
+            UPDATE webhooks_delivery d
+               SET due = now() + interval '1 second', attempts = d.attempts - 1,
+                   claim_token = NULL
+              FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(e text, h text)
+             WHERE d.event_id = v.e AND d.hook_id = v.h AND d.claim_token = :token
+        """), {"rows": json.dumps(handed_back), "token": token})
     doomed = []
     if per_hook:
         updated = session.execute(sa.text("""

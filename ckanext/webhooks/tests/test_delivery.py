@@ -367,8 +367,8 @@ def test_waiting_for_a_slot_past_the_deadline_is_a_timeout_never_sent():
         sender = Sender(total_timeout=1.5, per_host=1, slow_lane_per_host=1)
         target = guard.resolve(hosts.urls()[0], ALLOWED)
         outcomes = sender.post_many([(target, b"{}", {}) for _ in range(3)])
-        assert [(o.error, o.sent) for o in outcomes] == \
-            [("timeout", True), ("timeout", False), ("timeout", False)]
+        assert [(o.error, o.sent, o.waited_for_slot) for o in outcomes] == \
+            [("timeout", True, False), ("timeout", False, True), ("timeout", False, True)]
         assert hosts.requests == 1  # the other two never left
     finally:
         hosts.close()
