@@ -51,7 +51,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Iterable, Optional
+from collections.abc import Iterable
 from urllib.parse import quote
 
 import aiohttp
@@ -115,7 +115,7 @@ class AiohttpSender:
 
     def __init__(self, connect_timeout: float = 5.0, total_timeout: float = 15.0,
                  max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
-                 dns_timeout: float = 5.0, allowed_networks: Optional[list] = None,
+                 dns_timeout: float = 5.0, allowed_networks: list | None = None,
                  gates: bool = False, slow_after: float = 2.0, slow_lane_seconds: float = 60.0,
                  slow_lane_concurrency: int = 16, slow_lane_per_host: int = 2,
                  dns_cache_seconds: int = 5) -> None:
@@ -139,23 +139,23 @@ class AiohttpSender:
             self._open(dns_cache_seconds), self._loop).result()
 
     @classmethod
-    def from_config(cls, **overrides) -> "AiohttpSender":
+    def from_config(cls, **overrides) -> AiohttpSender:
         from ckan.plugins import toolkit
 
         def setting(key: str, default, kind=float):
             value = toolkit.config.get(f"ckanext.webhooks.{key}")
             return default if value in (None, "") else kind(value)
-        options = dict(
-            connect_timeout=setting("connect_timeout", 5.0),
-            total_timeout=setting("timeout", 15.0),
-            max_bytes=setting("max_response_bytes", 20480, int),
-            concurrency=setting("concurrency", 64, int),
-            per_host=setting("connections_per_host", 16, int),
-            dns_timeout=setting("dns_timeout", 5.0),
-            slow_after=setting("slow_after", 2.0),
-            slow_lane_seconds=setting("slow_lane_seconds", 60.0),
-            slow_lane_concurrency=setting("slow_lane_concurrency", 16, int),
-            slow_lane_per_host=setting("slow_lane_per_host", 2, int))
+        options = {
+            "connect_timeout": setting("connect_timeout", 5.0),
+            "total_timeout": setting("timeout", 15.0),
+            "max_bytes": setting("max_response_bytes", 20480, int),
+            "concurrency": setting("concurrency", 64, int),
+            "per_host": setting("connections_per_host", 16, int),
+            "dns_timeout": setting("dns_timeout", 5.0),
+            "slow_after": setting("slow_after", 2.0),
+            "slow_lane_seconds": setting("slow_lane_seconds", 60.0),
+            "slow_lane_concurrency": setting("slow_lane_concurrency", 16, int),
+            "slow_lane_per_host": setting("slow_lane_per_host", 2, int)}
         options.update(overrides)
         return cls(**options)
 
@@ -178,7 +178,7 @@ class AiohttpSender:
 
     # --- the API of delivery.Sender -------------------------------------------
 
-    def post(self, request, body: bytes = b"", headers: Optional[dict[str, str]] = None
+    def post(self, request, body: bytes = b"", headers: dict[str, str] | None = None
              ) -> Outcome:
         if not isinstance(request, Request):
             request = Request(request, body, headers=headers)
@@ -187,8 +187,8 @@ class AiohttpSender:
     def post_many(self, requests: Iterable) -> list[Outcome]:
         return self.submit(requests).result()
 
-    def submit(self, requests: Iterable, allowed: Optional[list] = None
-               ) -> "concurrent.futures.Future[list[Outcome]]":
+    def submit(self, requests: Iterable, allowed: list | None = None
+               ) -> concurrent.futures.Future[list[Outcome]]:
         started = time.monotonic()
         items: list = []
         for item in requests:
@@ -200,7 +200,7 @@ class AiohttpSender:
                 items.append((request, parsed, None))
             except guard.Refused:
                 items.append((item, None, Outcome(None, "refused_address", 0.0)))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not prepare a request")
                 items.append((item, None, Outcome(None, "internal_error", 0.0)))
         if allowed is None:
@@ -268,7 +268,7 @@ class AiohttpSender:
                 status, body, retry_after = await self._exchange(url, request, headers, deadline)
             outcome = Outcome(status, None, time.monotonic() - started, body,
                               _retry_after(retry_after))
-        except (asyncio.TimeoutError, TimeoutError):  # aiohttp's timeouts are these too
+        except TimeoutError:  # aiohttp's timeouts are these too
             outcome = Outcome(None, "timeout", time.monotonic() - started)
         except guard.Unresolvable:
             outcome = Outcome(None, "dns_error", time.monotonic() - started)
@@ -284,7 +284,7 @@ class AiohttpSender:
             outcome = Outcome(None, "connect_error", time.monotonic() - started)
         except (aiohttp.ClientError, ssl.SSLError, OSError):
             outcome = Outcome(None, "connection_error", time.monotonic() - started)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("delivery attempt failed unexpectedly")
             outcome = Outcome(None, "internal_error", time.monotonic() - started)
         finally:
@@ -348,7 +348,7 @@ async def _done(outcome: Outcome) -> Outcome:
     return outcome
 
 
-def _retry_after(value: Optional[str]) -> Optional[float]:
+def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()

@@ -12,25 +12,36 @@ warm it up, one measured; then it is stopped. Beside it, wrk's raw
 keep-alive rate to the same receiver.
 
     python bench/fanout_senders.py [--hooks 10000] [--rounds 3] [--gates]
+
+Needs aiohttp (``pip install aiohttp``), which the extension itself does not use.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import benchlib
 import ckanapi
 import sqlalchemy as sa
-
-import benchlib
-from benchlib import (RECEIVER_HOST, BENCH_INI, ROOT, cpu_seconds, insert_hooks, processes,
-                      receiver_call, sql, start_receiver, table, write_result)
+from benchlib import (
+    BENCH_INI,
+    RECEIVER_HOST,
+    ROOT,
+    cpu_seconds,
+    insert_hooks,
+    processes,
+    receiver_call,
+    sql,
+    start_receiver,
+    table,
+    write_result,
+)
 from sender_compare import spread, wrk
 
 DB = "ckanext_webhooks_bench_senders"
@@ -85,7 +96,7 @@ def start_worker(ini: Path, sender: str) -> processes.Process:
 
 
 def tree_cpu(pid: int) -> float:
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, check=False,
                               text=True).stdout.split()
     return sum(cpu_seconds(p) for p in [pid, *map(int, children)])
 

@@ -19,6 +19,8 @@ from celery import Celery, Task, signals
 from ckan import model
 from ckan.plugins import toolkit
 
+from . import settings
+
 log = logging.getLogger(__name__)
 
 FANOUT = "ckanext.webhooks.fanout"
@@ -61,14 +63,14 @@ def _flask_app():
 
 
 def queue_name() -> str:
-    return toolkit.config.get("ckanext.webhooks.celery.queue") or "ckanext_webhooks"
+    return settings.queue_name()
 
 
 def configure(config: Any) -> None:
     """Configure the Celery app from the CKAN config (web and worker alike)."""
-    broker = (config.get("ckanext.webhooks.broker_url")
+    broker = (settings.broker_url(config)
               or config.get("ckan.redis.url") or "redis://127.0.0.1:6379/0")
-    queue = config.get("ckanext.webhooks.celery.queue") or "ckanext_webhooks"
+    queue = settings.queue_name(config)
     transport_options: dict[str, Any] = {}
     if broker.startswith(("redis://", "rediss://")):
         # Fail fast when Redis is away: the outbox keeps the events meanwhile.
@@ -91,11 +93,11 @@ def configure(config: Any) -> None:
         beat_schedule={
             "webhooks-sweep": {
                 "task": SWEEP,
-                "schedule": float(config.get("ckanext.webhooks.sweep_interval") or 5),
+                "schedule": settings.sweep_interval(config),
             },
             "webhooks-prune": {
                 "task": PRUNE,
-                "schedule": float(config.get("ckanext.webhooks.prune_interval") or 3600),
+                "schedule": settings.prune_interval(config),
             },
         },
     )

@@ -18,11 +18,13 @@ against 138–169 µs for h11 over asyncio streams, which this replaced.
 * The Standard Webhooks headers are made (:mod:`signing`) right before the
   request is written: ``webhook-timestamp`` is the time it leaves.
 * Redirects are not followed: a 3xx is a failed attempt.
-* ``total_timeout`` bounds the whole attempt from the moment it is submitted:
-  resolving, waiting for a slot (see :class:`_Gates`), connecting (also
-  bounded by ``connect_timeout``), sending and reading, however the receiver
-  trickles its answer. An attempt that never got a slot ends as ``timeout``
-  without being sent.
+* ``total_timeout`` bounds, from the moment it is submitted, resolving and
+  waiting for a slot (see :class:`_Gates`): an attempt that never got a slot
+  ends as ``timeout`` without being sent (``waited_for_slot``; the queue gives
+  it back without counting it). From its slot on, a second ``total_timeout``
+  bounds connecting (also bounded by ``connect_timeout``), sending and
+  reading, however the receiver trickles its answer: a request is never cut
+  short because it queued, so queueing never sends anything twice.
 * At most ``max_bytes`` of the answer's body and ``MAX_HEAD_BYTES`` of its head
   are read; a longer answer's connection is closed rather than drained.
 """
@@ -553,10 +555,10 @@ class _Gates:
 class Sender:
     """Sends deliveries; one per process, safe to call from any thread.
 
-    Every wait of an attempt (DNS, the gates, connect, send, answer) is
-    inside its deadline, ``total_timeout`` from :meth:`submit`; an attempt
-    that is still waiting for a slot at its deadline ends as ``timeout``
-    without being sent. An exception while preparing, signing or sending one
+    Every wait of an attempt is bounded: DNS and the gates by
+    ``total_timeout`` from :meth:`submit` (an attempt still waiting for a slot
+    then ends as ``timeout`` without being sent), connect, send and answer by
+    ``total_timeout`` from its slot. An exception while preparing, signing or sending one
     request is that request's outcome (``internal_error``), never the batch's.
     """
 
@@ -588,22 +590,18 @@ class Sender:
     @classmethod
     def from_config(cls, **overrides) -> "Sender":
         """A sender with the ``ckanext.webhooks.*`` settings of the CKAN config."""
-        from ckan.plugins import toolkit
-
-        def setting(key: str, default, kind=float):
-            value = toolkit.config.get(f"ckanext.webhooks.{key}")
-            return default if value in (None, "") else kind(value)
+        from . import settings
         options = dict(
-            connect_timeout=setting("connect_timeout", 5.0),
-            total_timeout=setting("timeout", 15.0),
-            max_bytes=setting("max_response_bytes", 20480, int),
-            concurrency=setting("concurrency", 64, int),
-            per_host=setting("connections_per_host", 16, int),
-            dns_timeout=setting("dns_timeout", 5.0),
-            slow_after=setting("slow_after", 2.0),
-            slow_lane_seconds=setting("slow_lane_seconds", 60.0),
-            slow_lane_concurrency=setting("slow_lane_concurrency", 32, int),
-            slow_lane_per_host=setting("slow_lane_per_host", 2, int))
+            connect_timeout=settings.connect_timeout(),
+            total_timeout=settings.timeout(),
+            max_bytes=settings.max_response_bytes(),
+            concurrency=settings.concurrency(),
+            per_host=settings.connections_per_host(),
+            dns_timeout=settings.dns_timeout(),
+            slow_after=settings.slow_after(),
+            slow_lane_seconds=settings.slow_lane_seconds(),
+            slow_lane_concurrency=settings.slow_lane_concurrency(),
+            slow_lane_per_host=settings.slow_lane_per_host())
         options.update(overrides)
         return cls(**options)
 
@@ -622,7 +620,7 @@ class Sender:
     def submit(self, requests: Iterable, allowed: Optional[list] = None
                ) -> "concurrent.futures.Future[list[Outcome]]":
         """Start sending :class:`Request` objects (or (target, body, headers));
-        the future's result lists the outcomes in order, within about
+        the future's result lists the outcomes in order, within about twice
         ``total_timeout`` seconds, and is never an exception.
 
         Addresses are parsed here, in the caller's thread (with the CKAN
@@ -704,6 +702,10 @@ class Sender:
                 head_ready[0] = True
                 slot = await self._gates.acquire((target.addresses[0], target.port),
                                                  target.host, request.health)
+            # From its slot on, the attempt has the whole timeout to itself:
+            # time spent queued in this worker never cuts short a request the
+            # receiver already has (that would send it twice).
+            async with asyncio.timeout(self.total_timeout):
                 answer = await self._exchange(target, request, head, wrote)
             outcome = Outcome(answer.status, None, time.monotonic() - started, answer.body,
                               _retry_after(answer.retry_after))

@@ -33,9 +33,9 @@ from typing import Any, Iterable, NamedTuple, Optional
 import sqlalchemy as sa
 
 from ckan import model
-from ckan.plugins import PluginImplementations, toolkit
+from ckan.plugins import PluginImplementations
 
-from . import audience, guard, payload, signing, topics
+from . import audience, guard, payload, settings, signing, topics
 from .delivery import Outcome, Request, Sender
 from .ids import fingerprint
 from .interfaces import IWebhooks
@@ -44,32 +44,6 @@ from .model import WebhookEvent
 log = logging.getLogger(__name__)
 # The channel the outbox trigger (migration 01) notifies and workers LISTEN on.
 NOTIFY_CHANNEL = "ckanext_webhooks_events"
-
-
-def _cfg(key: str, default: Any) -> Any:
-    value = toolkit.config.get(f"ckanext.webhooks.{key}")
-    return default if value in (None, "") else value
-
-
-def retry_schedule() -> list[float]:
-    raw = _cfg("retry_schedule", "0 5 300 1800 7200 18000 36000 50400 72000 86400")
-    if isinstance(raw, str):
-        raw = raw.split()
-    return [float(x) for x in raw]
-
-
-def batch_size() -> int:
-    return int(_cfg("batch_size", 500))
-
-
-def concurrency() -> int:
-    return int(_cfg("concurrency", 64))
-
-
-def lease_seconds() -> float:
-    """How long claimed work stays with a worker that stops renewing its lease
-    (one that died): a working worker renews it every third of this."""
-    return float(_cfg("lease_seconds", 60))
 
 
 # --- leases -------------------------------------------------------------------
@@ -84,14 +58,15 @@ def lease_seconds() -> float:
 # never overwrites the state of the one that took the work over.
 
 # A batch is renewed for at most this long after its claim: preparing it, its
-# attempts (each within ``timeout``), and recording it. A worker that has
-# not recorded a batch by then is presumed stuck and lets it go.
+# attempts (each within two ``timeout``: one to get a slot, one from it), and
+# recording it. A worker that has not recorded a batch by then is presumed
+# stuck and lets it go.
 PREPARE_LIMIT = 120.0
 RECORD_SLACK = 30.0
 
 
 def _hold_limit() -> float:
-    return PREPARE_LIMIT + float(_cfg("timeout", 15)) + RECORD_SLACK
+    return PREPARE_LIMIT + 2 * settings.timeout() + RECORD_SLACK
 
 
 class _Leases:
@@ -251,7 +226,7 @@ def _process_sender() -> Sender:
     with _state_lock:
         if _sender is None:
             # Timeouts, DNS, the healthy pool and the slow lane: see Sender.from_config.
-            _sender = Sender.from_config(concurrency=concurrency())
+            _sender = Sender.from_config()
     return _sender
 
 
@@ -293,7 +268,7 @@ def claim(limit: int) -> list[_Job]:
     the token (:data:`_leases`). Rows whose lease ran out are due again."""
     session = model.Session
     token = secrets.token_hex(16)
-    lease = lease_seconds()
+    lease = settings.lease_seconds()
     rows = session.execute(sa.text("""
         UPDATE webhooks_delivery d
            SET due = now() + make_interval(secs => :lease), attempts = d.attempts + 1,
@@ -314,6 +289,10 @@ def claim(limit: int) -> list[_Job]:
 
 
 MAX_BATCHES_IN_FLIGHT = 4
+# More, while the sender has free slots for healthy receivers: batches held
+# by slow receivers must not keep new work from the healthy ones.
+MAX_BATCHES_WITH_FREE_SLOTS = 16
+POLL_SECONDS = 0.25  # how often a drain with batches in flight looks for new work
 
 
 def drain(budget: float = 30.0) -> tuple[int, bool]:
@@ -326,19 +305,26 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
     are finished and recorded before it returns.
     Returns (attempts made, whether due work may remain).
     """
+    from .fanout import fan_out
     started = time.monotonic()
     total, in_flight, exhausted = 0, [], False
     try:
         while True:
-            while (not exhausted and not stopping()
-                   and len(in_flight) < MAX_BATCHES_IN_FLIGHT
-                   and time.monotonic() - started < budget):
-                jobs = claim(batch_size())
-                if not jobs:
-                    exhausted = True
-                    break
-                in_flight.append(_send(jobs, _prepare_batch(jobs)))
-                total += len(jobs)
+            if not stopping() and time.monotonic() - started < budget:
+                if in_flight:
+                    # While batches wait on slow receivers, new events and
+                    # newly due work go out beside them, not after them.
+                    fan_out()
+                exhausted = False
+                while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
+                        len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS
+                        and _process_sender().free_capacity() > 0):
+                    jobs = claim(settings.batch_size())
+                    if not jobs:
+                        exhausted = True
+                        break
+                    in_flight.append(_send(jobs, _prepare_batch(jobs)))
+                    total += len(jobs)
             if not in_flight:
                 if stopping() and not exhausted:
                     log.info("stopping: %d attempt(s) made and recorded, the rest "
@@ -346,7 +332,7 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
                 return total, not exhausted
             futures = [f for _, _, f in in_flight if f is not None]
             if futures:
-                concurrent.futures.wait(futures,
+                concurrent.futures.wait(futures, timeout=POLL_SECONDS,
                                         return_when=concurrent.futures.FIRST_COMPLETED)
             for batch in [b for b in in_flight if b[2] is None or b[2].done()]:
                 _finish(*batch)
@@ -650,7 +636,7 @@ def _record(jobs: list[_Job]) -> None:
     mine = [job for job in jobs if (job.event_id, job.hook_id) in owned]
     if len(mine) < len(jobs):
         _report_lost([job for job in jobs if (job.event_id, job.hook_id) not in owned])
-    schedule = retry_schedule()
+    schedule = settings.retry_schedule()
     finished, retries, handed_back = [], [], []
     per_hook: dict[str, dict] = {}
     for job in mine:
@@ -742,7 +728,7 @@ def _record(jobs: list[_Job]) -> None:
              WHERE w.id = v.id
             RETURNING w.id, w.consecutive_4xx, v.gone
         """), {"rows": json.dumps(list(per_hook.values()))}).all()
-        limit = int(_cfg("max_consecutive_4xx", 5))
+        limit = settings.max_consecutive_4xx()
         for row in updated:
             if row.gone:
                 doomed.append((row.id, "answered 410 Gone"))
@@ -850,7 +836,7 @@ def due_count(cap: int = 100000) -> int:
 def prune() -> dict[str, int]:
     """Delete stale hooks and old fanned-out events; returns what was removed."""
     session = model.Session
-    stale_days = float(_cfg("stale_after_days", 5))
+    stale_days = settings.stale_after_days()
     stale = session.execute(sa.text("""
         DELETE FROM webhooks
          WHERE id IN (SELECT id FROM webhooks
@@ -861,7 +847,7 @@ def prune() -> dict[str, int]:
     for row in stale:
         log.info("pruned webhook %s (%s, %s): only failures for %g days",
                  fingerprint(row.id), row.topic, _host(row.address), stale_days)
-    retention = float(_cfg("log_retention_days", 30))
+    retention = settings.log_retention_days()
     attempts = session.execute(sa.text("""
         DELETE FROM webhooks_attempt WHERE at < now() - make_interval(secs => :secs)
     """), {"secs": retention * 86400}).rowcount

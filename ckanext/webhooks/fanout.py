@@ -32,8 +32,7 @@ import sqlalchemy as sa
 
 from ckan import model
 
-from . import audience, topics
-from .dispatcher import retry_schedule
+from . import audience, settings, topics
 from .ids import fingerprint
 from .model import WebhookEvent, utcnow
 
@@ -265,7 +264,7 @@ def _rendering_failed(event, key: str, error: str) -> None:
            SET attempts = webhooks_rendering.attempts + 1, error = :error
         RETURNING attempts
     """), {"e": event.id, "a": key, "error": error}).one()
-    schedule = retry_schedule()
+    schedule = settings.retry_schedule()
     if row.attempts < len(schedule):
         delay = schedule[row.attempts] * random.uniform(1.0, 1.2)
         model.Session.execute(sa.text("""

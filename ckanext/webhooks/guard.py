@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
-from ckan.plugins import toolkit
+from . import settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
@@ -57,10 +57,6 @@ UNRESOLVABLE = "The host name could not be resolved"
 DNS_CACHE_SECONDS = 5.0  # positive answers only: a changed record is seen soon
 
 
-def dns_timeout() -> float:
-    return float(toolkit.config.get("ckanext.webhooks.dns_timeout") or 5)
-
-
 @dataclass(frozen=True)
 class Target:
     scheme: str
@@ -77,10 +73,7 @@ class Target:
 
 
 def allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    raw = toolkit.config.get("ckanext.webhooks.allowed_networks") or []
-    if isinstance(raw, str):
-        raw = raw.split()
-    return [ipaddress.ip_network(item, strict=False) for item in raw if item]
+    return [ipaddress.ip_network(item, strict=False) for item in settings.allowed_networks()]
 
 
 def parse(address: str) -> tuple[str, str, int, str]:
@@ -99,7 +92,7 @@ def parse(address: str) -> tuple[str, str, int, str]:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise Refused("Must be an absolute http:// or https:// URL")
-    if toolkit.asbool(toolkit.config.get("ckanext.webhooks.https_only")) and scheme != "https":
+    if settings.https_only() and scheme != "https":
         raise Refused("Must be an https:// URL on this portal")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise Refused("Must not contain credentials")
@@ -249,7 +242,7 @@ def _lookup(host: str, port: int):
                 4, thread_name_prefix="ckanext-webhooks-dns-sync")
     future = _sync_pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
     try:
-        return future.result(dns_timeout())
+        return future.result(settings.dns_timeout())
     except concurrent.futures.TimeoutError:
         raise Unresolvable(UNRESOLVABLE + " in time")
     except (OSError, UnicodeError):  # socket.gaierror is an OSError

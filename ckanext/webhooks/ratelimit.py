@@ -7,15 +7,15 @@ import time
 from typing import Optional
 
 from ckan.lib.redis import connect_to_redis
-from ckan.plugins import toolkit
+from . import settings
 
 log = logging.getLogger(__name__)
 
 
 def hit(client: str) -> Optional[int]:
     """Count one creation attempt; returns seconds to wait if over the limit."""
-    limit = int(toolkit.config.get("ckanext.webhooks.anonymous_create_limit") or 20)
-    period = int(toolkit.config.get("ckanext.webhooks.anonymous_create_period") or 3600)
+    limit = settings.anonymous_create_limit()
+    period = settings.anonymous_create_period()
     window = int(time.time() // period)
     key = f"ckanext-webhooks:create:{client}:{window}"
     try:

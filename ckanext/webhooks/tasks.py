@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
-from . import dispatcher
+from . import dispatcher, settings
 from .fanout import FANOUT_EVENTS, fan_out, pending_events
 from .celery_app import DRAIN, FANOUT, PRUNE, SWEEP, celery, send_drain, send_fanout
 
@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def _helpers_for(due: int) -> int:
     """How many more drain tasks to ask for, so other worker processes help."""
-    batches = math.ceil(due / max(1, dispatcher.batch_size()))
+    batches = math.ceil(due / max(1, settings.batch_size()))
     return max(0, min(batches, 8) - 1)
 
 

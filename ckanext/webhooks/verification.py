@@ -19,7 +19,7 @@ import secrets
 
 from ckan.plugins import toolkit
 
-from . import guard
+from . import guard, settings
 from .delivery import web_sender
 from .signing import USER_AGENT
 
@@ -29,7 +29,7 @@ class Failed(ValueError):
 
 
 def enabled() -> bool:
-    return toolkit.asbool(toolkit.config.get("ckanext.webhooks.verify_on_create", True))
+    return settings.verify_on_create()
 
 
 def verify(address: str, topic: str) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from ckan import model
 from ckan.plugins import toolkit
 
-from .. import guard, ids, payload, report, signing, verification
+from .. import guard, ids, payload, report, settings, signing, verification
 from ..delivery import Request, web_sender
 from ..dispatcher import attempt_row, log_attempts, requeue
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
@@ -114,7 +114,7 @@ def webhook_create(context, data_dict):
     if exists:
         raise toolkit.ValidationError({"address": [DUPLICATE]})
     host = guard.parse(data["address"])[1]
-    per_host = int(toolkit.config.get("ckanext.webhooks.max_hooks_per_host") or 100)
+    per_host = settings.max_hooks_per_host()
     if session.query(Webhook.id).filter_by(host=host).limit(per_host).count() >= per_host:
         raise toolkit.ValidationError({"address": [
             f"This portal allows at most {per_host} webhooks per receiver host"]})

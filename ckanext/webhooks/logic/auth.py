@@ -13,6 +13,8 @@ from typing import Any
 from ckan import authz
 from ckan.plugins import toolkit
 
+from .. import settings
+
 __all__ = ["webhook_create", "webhook_show", "webhook_delete", "webhook_deliveries",
            "webhook_ping", "webhook_redeliver", "webhook_list", "webhook_activity",
            "webhook_redeliver_failed"]
@@ -21,7 +23,7 @@ LEVELS = ("anonymous", "user", "editor", "admin", "sysadmin")
 
 
 def _minimum_level() -> str:
-    level = (toolkit.config.get("ckanext.webhooks.minimum_auth") or "anonymous").strip()
+    level = settings.minimum_auth()
     return level if level in LEVELS else "sysadmin"  # a typo must not open things up
 
 
