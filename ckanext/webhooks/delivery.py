@@ -18,6 +18,11 @@ against 138–169 µs for h11 over asyncio streams, which this replaced.
 * The Standard Webhooks headers are made (:mod:`signing`) right before the
   request is written: ``webhook-timestamp`` is the time it leaves.
 * Redirects are not followed: a 3xx is a failed attempt.
+* https: TLS 1.2 or later, the certificate verified against ``ca_bundle``
+  (``ckanext.webhooks.ca_bundle``) or else certifi's bundle, and its host
+  name checked against the hook's name (an IP address for a literal). A
+  certificate that does not verify fails the attempt as ``tls_error``,
+  nothing sent.
 * ``total_timeout`` bounds, from the moment it is submitted, resolving and
   waiting for a slot (see :class:`_Gates`): an attempt that never got a slot
   ends as ``timeout`` without being sent (``waited_for_slot``; the queue gives
@@ -566,8 +571,8 @@ class Sender:
                  max_bytes: int = 20480, concurrency: int = 64, per_host: int = 16,
                  dns_timeout: float = 5.0, slow_after: float = 2.0,
                  slow_lane_seconds: float = 60.0, slow_lane_concurrency: int = 32,
-                 slow_lane_per_host: int = 2, allowed_networks: Optional[list] = None
-                 ) -> None:
+                 slow_lane_per_host: int = 2, allowed_networks: Optional[list] = None,
+                 ca_bundle: Optional[str] = None) -> None:
         self.connect_timeout = connect_timeout
         self.total_timeout = total_timeout
         self.max_bytes = max_bytes
@@ -581,7 +586,12 @@ class Sender:
         self._resolver = guard.Resolver(timeout=dns_timeout, slow_seconds=slow_lane_seconds)
         self._idle: "collections.OrderedDict[tuple, list[_Connection]]" = \
             collections.OrderedDict()
+        # A PEM file of the CAs https receivers' certificates are verified
+        # against; None: certifi's bundle.
+        self.ca_bundle = ca_bundle
         self._ssl: Optional[ssl.SSLContext] = None
+        if ca_bundle:
+            self._ssl_context()  # a missing or broken bundle fails here, not each attempt
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
                                         name="ckanext-webhooks-sender")
@@ -601,7 +611,8 @@ class Sender:
             slow_after=settings.slow_after(),
             slow_lane_seconds=settings.slow_lane_seconds(),
             slow_lane_concurrency=settings.slow_lane_concurrency(),
-            slow_lane_per_host=settings.slow_lane_per_host())
+            slow_lane_per_host=settings.slow_lane_per_host(),
+            ca_bundle=settings.ca_bundle())
         options.update(overrides)
         return cls(**options)
 
@@ -809,9 +820,14 @@ class Sender:
                 stale.close()
 
     def _ssl_context(self) -> ssl.SSLContext:
+        """Certificates and host names verified (the default context: TLS 1.2
+        or later), against ``ca_bundle`` or else certifi's bundle."""
         if self._ssl is None:
-            import certifi
-            self._ssl = ssl.create_default_context(cafile=certifi.where())
+            cafile = self.ca_bundle
+            if not cafile:
+                import certifi
+                cafile = certifi.where()
+            self._ssl = ssl.create_default_context(cafile=cafile)
         return self._ssl
 
 

@@ -65,6 +65,13 @@ def dns_timeout() -> float:
     return _float("dns_timeout")
 
 
+def ca_bundle() -> Optional[str]:
+    """The PEM CA bundle receivers' certificates are verified against; None:
+    certifi's."""
+    raw = _raw("ca_bundle")
+    return (str(raw).strip() or None) if raw is not None else None
+
+
 # Sending
 def connect_timeout() -> float:
     return _float("connect_timeout")

@@ -8,6 +8,8 @@ workers stopped with SIGTERM in the middle of a fan-out.
 (nothing is left that could be sent) and every attempt is in the log."""
 from __future__ import annotations
 
+import logging
+
 import collections
 import os
 import random
@@ -227,6 +229,13 @@ def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_p
               FROM unnest(CAST(:hooks AS text[])) h"""), {"e": event, "hooks": hooks})
     jobs = [dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
                             claim_token="token-batch") for hook in hooks]
+
+    # An earlier test may have loaded an ini's logging section (fileConfig
+    # disables the loggers it does not name): hear this module's log again.
+    for name in ("ckanext", "ckanext.webhooks", "ckanext.webhooks.dispatcher"):
+        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    caplog.set_level(logging.INFO, logger="ckanext.webhooks.dispatcher")
 
     def lookup_fails(jobs):
         raise RuntimeError(f"no readers for {jobs[0].hook_id}")
