@@ -62,7 +62,12 @@ def main():
     print("3. The receiver got (from examples/receiver.py's output):")
     for line in wait_for_lines(args.receiver_log, set(hooks.values()), 2):
         print("  ", line.strip())
+    # The receiver has it; the worker records the outcome right after.
+    deadline = time.monotonic() + 30
     stats = anonymous.action.webhook_show(id=hooks["dataset/update"])["statistics"]
+    while stats["deliveries"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        stats = anonymous.action.webhook_show(id=hooks["dataset/update"])["statistics"]
     print("4. webhook_show statistics:", json.dumps(stats))
     print("5. The same in a browser:")
     print(f"   {args.url}/dataset/{dataset['name']}  ('Get notified of changes')")
