@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
-import email.utils
 import ipaddress
 import logging
 import re
@@ -59,7 +58,9 @@ from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from ckanext.webhooks import guard, signing
-from ckanext.webhooks.delivery import Outcome, Request
+# The same outcome helpers as the hand-written sender: the comparison is of
+# the HTTP clients, not of these.
+from ckanext.webhooks.delivery import Outcome, Request, _done, _retry_after
 
 log = logging.getLogger(__name__)
 
@@ -342,20 +343,3 @@ def _url(scheme: str, host: str, port: int, path: str) -> URL:
     path, _, query = path.partition("?")
     return URL.build(scheme=scheme, host=host, port=port, path=path, query_string=query,
                      encoded=True)
-
-
-async def _done(outcome: Outcome) -> Outcome:
-    return outcome
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
