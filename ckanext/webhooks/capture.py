@@ -238,10 +238,7 @@ def _remember_old_states(session, flush_context, instances) -> None:
         if obj.__class__ is model.Member and obj.table_name == "package" and obj.table_id:
             groups = session.info.setdefault(OLD_GROUPS, {})
             if obj.table_id not in groups:  # before this flush writes the change
-                groups[obj.table_id] = list(session.connection().execute(sa.text(
-                    "SELECT group_id FROM member WHERE table_name = 'package' "
-                    "AND table_id = :id AND state = 'active'"), {"id": obj.table_id}
-                ).scalars())
+                groups[obj.table_id] = package_groups(session.connection(), obj.table_id)
         elif obj.__class__ is model.PackageMember and obj.package_id:
             # package_delete removes the collaborators with the dataset: who
             # could read it just before is judged with them.
@@ -250,6 +247,13 @@ def _remember_old_states(session, flush_context, instances) -> None:
                 collaborators[obj.package_id] = [list(row) for row in session.connection(
                 ).execute(sa.text("SELECT user_id, capacity FROM package_member "
                                   "WHERE package_id = :id"), {"id": obj.package_id})]
+
+
+def package_groups(connection, package_id: str) -> list[str]:
+    """The groups (organizations included) a dataset is an active member of."""
+    return list(connection.execute(sa.text(
+        "SELECT group_id FROM member WHERE table_name = 'package' AND table_id = :id "
+        "AND state = 'active'"), {"id": package_id}).scalars())
 
 
 def _value_before(obj, key: str) -> Any:

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from ckan import model
 
 from . import audience, settings, topics
+from .capture import package_groups
 from .ids import fingerprint
 from .model import WebhookEvent, utcnow
 
@@ -227,21 +228,17 @@ def _fan_out_plugin_event(event: WebhookEvent) -> int:
          WHERE w.topic = :topic AND {audience.READER_ACTIVE_SQL}
            AND (w.dataset_id IS NULL OR w.dataset_id = :package_id)
            AND (w.organization_id IS NULL OR w.organization_id = :owner_org)
-           AND (w.group_id IS NULL OR w.group_id IN (
-                SELECT group_id FROM member
-                 WHERE table_name = 'package' AND table_id = :package_id
-                   AND state = 'active'))
+           AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups AS text[])))
         ON CONFLICT DO NOTHING
     """), {"event_id": event.id, "topic": event.topic, "package_id": event.package_id,
-           "owner_org": known.get("owner_org")}).rowcount
+           "owner_org": known.get("owner_org"), "groups": _groups(event.package_id)}
+    ).rowcount
 
 
 def _groups(package_id: Optional[str]) -> list[str]:
     if not package_id:
         return []
-    return list(model.Session.execute(sa.text(
-        "SELECT group_id FROM member WHERE table_name = 'package' AND table_id = :id "
-        "AND state = 'active'"), {"id": package_id}).scalars())
+    return package_groups(model.Session, package_id)
 
 
 # --- renderings ---------------------------------------------------------------
