@@ -206,6 +206,29 @@ def test_a_plugin_raising_for_one_hook_spoils_only_its_delivery(private_stack, r
     assert bad not in output and "/veto-raises" not in output
 
 
+def _claimed(hooks: list[str], tokens: dict[str, str], count: int = 0) -> None:
+    """Hooks (with ``count`` deliveries and successes so far), fanned-out
+    events, and a delivery of every event to every hook, claimed under the
+    event's token in ``tokens`` and due in an hour (no worker takes them)."""
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO webhooks (id, topic, address, host, created, delivery_count,
+                                  success_count)
+            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now(),
+                   :count, :count
+              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks, "count": count})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
+            SELECT id, 'dataset/update', 'x', now(), now()
+              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": list(tokens)})
+        conn.execute(sa.text("""
+            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
+            SELECT t.e, h, 1, now() + interval '1 hour', t.token
+              FROM unnest(CAST(:events AS text[]), CAST(:tokens AS text[])) AS t(e, token),
+                   unnest(CAST(:hooks AS text[])) h
+        """), {"events": list(tokens), "tokens": list(tokens.values()), "hooks": hooks})
+
+
 def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_plugins,
                                                         monkeypatch, caplog):
     """Preparing a batch raises before any delivery of it is decided (here the
@@ -215,18 +238,7 @@ def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_p
     from ckanext.webhooks.ids import fingerprint
     hooks = [f"own-{uuid.uuid4().hex}" for _ in range(3)]
     event = f"msg_own{uuid.uuid4().hex}"
-    with model.meta.engine.begin() as conn:
-        conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created)
-            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now()
-              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
-            VALUES (:e, 'dataset/update', 'x', now(), now())"""), {"e": event})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
-            SELECT :e, h, 1, now() + interval '1 hour', 'token-batch'
-              FROM unnest(CAST(:hooks AS text[])) h"""), {"e": event, "hooks": hooks})
+    _claimed(hooks, {event: "token-batch"})
     jobs = [dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
                             claim_token="token-batch") for hook in hooks]
 
@@ -299,20 +311,7 @@ def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers, wi
     from ckanext.webhooks.delivery import Outcome
     hooks = [f"own-{uuid.uuid4().hex}" for _ in range(200)]
     events = [f"msg_own{uuid.uuid4().hex}" for _ in range(8)]
-    with model.meta.engine.begin() as conn:
-        conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created)
-            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now()
-              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
-            SELECT id, 'dataset/update', 'x', now(), now()
-              FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": events})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
-            SELECT e, h, 1, now() + interval '1 hour', 'token-' || e
-              FROM unnest(CAST(:events AS text[])) e, unnest(CAST(:hooks AS text[])) h
-        """), {"events": events, "hooks": hooks})
+    _claimed(hooks, {event: f"token-{event}" for event in events})
     batches = []
     for event in events:
         order = random.sample(hooks, len(hooks))
@@ -348,19 +347,7 @@ def test_statistics_count_past_two_to_the_31(only_my_workers, with_plugins):
     from ckanext.webhooks import dispatcher
     from ckanext.webhooks.delivery import Outcome
     hook, event = f"own-{uuid.uuid4().hex}", f"msg_own{uuid.uuid4().hex}"
-    with model.meta.engine.begin() as conn:
-        conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created, delivery_count,
-                                  success_count)
-            VALUES (:h, 'dataset/update', 'http://127.0.0.2/x', '127.0.0.2', now(),
-                    2147483647, 2147483647)"""), {"h": hook})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
-            VALUES (:e, 'dataset/update', 'x', now(), now())"""), {"e": event})
-        conn.execute(sa.text("""
-            INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, claim_token)
-            VALUES (:e, :h, 1, now() + interval '1 hour', 'token-big')"""),
-            {"e": event, "h": hook})
+    _claimed([hook], {event: "token-big"}, count=2 ** 31 - 1)
     dispatcher._record([dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
                                         claim_token="token-big", topic="dataset/update",
                                         outcome=Outcome(200, None, 0.01))])
