@@ -1,9 +1,21 @@
 # -*- coding: utf-8 -*-
+import re
+from pathlib import Path
+
 from setuptools import setup, find_namespace_packages
+
+# The version is declared once, in ckanext/webhooks/__init__.py (the User-Agent
+# and `ckan webhooks --version` read it there). It is parsed, not imported:
+# importing the package here would need its dependencies before they are installed.
+_INIT = Path(__file__).resolve().parent / "ckanext" / "webhooks" / "__init__.py"
+_VERSION = re.search(r"""^__version__\s*=\s*["']([^"']+)["']""",
+                     _INIT.read_text(encoding="utf-8"), re.M)
+if not _VERSION:
+    raise RuntimeError(f"no __version__ = \"...\" line in {_INIT}")
 
 setup(
     name="ckanext-webhooks",
-    version="0.1.0",
+    version=_VERSION.group(1),
     description="Webhooks for CKAN: push dataset and resource events to subscribers",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
@@ -17,6 +29,8 @@ setup(
         "kombu>=5.5,<6",
         "standardwebhooks>=1.0.1,<2",
         "httptools>=0.6,<1",
+        "cryptography>=42",
+        "publicsuffixlist>=1.0,<2",
     ],
     entry_points={
         "ckan.plugins": [

@@ -1,5 +1,5 @@
 """A prototype sender on aiohttp, with the interface of
-:class:`ckanext.webhooks.delivery.Sender` (``submit(requests)`` returns a
+:class:`ckanext.webhooks.sender.Sender` (``submit(requests)`` returns a
 ``concurrent.futures.Future`` of :class:`Outcome` lists), to measure it against
 the hand-written httptools sender (``bench/sender_compare.py``). Not used by
 the extension.
@@ -60,7 +60,7 @@ from yarl import URL
 from ckanext.webhooks import guard, signing
 # The same outcome helpers as the hand-written sender: the comparison is of
 # the HTTP clients, not of these.
-from ckanext.webhooks.delivery import Outcome, Request, _done, _retry_after
+from ckanext.webhooks.sender import Outcome, Request, _done, _retry_after
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class AiohttpSender:
         self._guard_resolver = guard.Resolver(timeout=dns_timeout, slow_seconds=slow_lane_seconds)
         self._gates = None
         if gates:
-            from ckanext.webhooks.delivery import _Gates
+            from ckanext.webhooks.sender import _Gates
             self._gates = _Gates(concurrency, per_host, slow_lane_concurrency,
                                  slow_lane_per_host, slow_after, slow_lane_seconds)
         self._loop = asyncio.new_event_loop()

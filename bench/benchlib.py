@@ -57,8 +57,9 @@ def insert_hooks(count: int, topic: str, address_prefix: str, start: int = 0) ->
     """``count`` hooks with distinct paths, straight into the table (creating
     them through the API would verify each address: that is not measured here)."""
     sql("""
-        INSERT INTO webhooks (id, topic, address, host, created)
-        SELECT md5(random()::text || n) || md5(n::text), :topic, :prefix || n, :host, now()
+        INSERT INTO webhooks (id, topics, address, host, site, created)
+        SELECT md5(random()::text || n) || md5(n::text), ARRAY[:topic], :prefix || n, :host,
+               :host, now()
           FROM generate_series(:start, :stop - 1) AS n
     """, topic=topic, prefix=address_prefix, host=RECEIVER_HOST, start=start, stop=start + count)
 
@@ -96,8 +97,8 @@ def start_receiver(port: int, impl: str = "asyncio") -> processes.Process:
 
 
 @contextlib.contextmanager
-def bench_stack(web_port: int, receiver_port: Optional[int] = None, overrides: Optional[dict] = None,
-                worker_name: str = "bench-worker"):
+def bench_stack(web_port: int, receiver_port: Optional[int] = None,
+                overrides: Optional[dict] = None, worker_name: str = "bench-worker"):
     """A bench CKAN on ``web_port``, a worker in its default setup and, if
     asked, a receiver; all stopped afterwards, whatever happens."""
     url = f"http://127.0.0.1:{web_port}"

@@ -92,8 +92,8 @@ def insert_hooks_at(addresses: list[str], topic: str = "dataset/update") -> None
     """One hook per address (each its own path), straight into the table."""
     hosts = [address.split("/")[2].rsplit(":", 1)[0] for address in addresses]
     sql("""
-        INSERT INTO webhooks (id, topic, address, host, created)
-        SELECT md5(random()::text || a) || md5(a), :topic, a, h, now()
+        INSERT INTO webhooks (id, topics, address, host, site, created)
+        SELECT md5(random()::text || a) || md5(a), ARRAY[:topic], a, h, h, now()
           FROM unnest(CAST(:addresses AS text[]), CAST(:hosts AS text[])) AS t(a, h)
     """, topic=topic, addresses=addresses, hosts=hosts)
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import ckanapi
 
-from benchlib import (RECEIVER_HOST, bench_stack, cpu_seconds, insert_hooks, reset_webhooks, sysadmin_token,
-                      table, wait_count, write_result)
+from benchlib import (RECEIVER_HOST, bench_stack, cpu_seconds, insert_hooks, reset_webhooks,
+                      sysadmin_token, table, wait_count, write_result)
 
 WEB_PORT, RECEIVER_PORT = 15106, 18106
 
@@ -64,8 +64,8 @@ def main() -> None:
                   "postgres": postgres, "web": tree(stack.web.proc.pid)}
         if args.py_spy:
             spies = [(Path(f"/tmp/profile-fanout-{pid}.txt"), subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "-d", "8", "-f", "raw", "-r", "200", "-o",
-                 f"/tmp/profile-fanout-{pid}.txt", "-p", str(pid)],
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-d", "8", "-f", "raw",
+                 "-r", "200", "-o", f"/tmp/profile-fanout-{pid}.txt", "-p", str(pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 for pid in groups["worker"][1:]]
             time.sleep(1)

@@ -126,7 +126,9 @@ def main() -> None:
     print(f"{len(changes)} changes over {changes[-1][1] - changes[0][1]:.0f} s to "
           f"{args.datasets} datasets; polling sent {poll['bytes'] / max(1, push['bytes']):.0f}x "
           f"the bytes and noticed {poll['mean_delay_s'] / push['mean_delay_s']:.0f}x later")
-    print(f"results: {write_result('push_vs_poll', {'poll': poll, 'push': push, 'changes': len(changes), 'datasets': args.datasets, 'interval_s': args.interval})}")
+    path = write_result("push_vs_poll", {"poll": poll, "push": push, "changes": len(changes),
+                                         "datasets": args.datasets, "interval_s": args.interval})
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import aiohttp
 from aiohttp_sender import AiohttpSender
 from benchlib import RECEIVER_HOST, receiver_call, start_receiver, table, write_result
 
-from ckanext.webhooks.delivery import Request, Sender
+from ckanext.webhooks.sender import Request, Sender
 
 ASYNCIO_PORT, STDLIB_PORT = 18117, 18118
 BATCH, IN_FLIGHT = 500, 4

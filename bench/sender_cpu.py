@@ -22,7 +22,7 @@ import time
 from benchlib import RECEIVER_HOST, start_receiver, table, write_result
 
 from ckanext.webhooks import guard
-from ckanext.webhooks.delivery import Sender
+from ckanext.webhooks.sender import Sender
 
 RECEIVER_PORT = 18107
 BATCH, IN_FLIGHT = 500, 4

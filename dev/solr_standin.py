@@ -7,7 +7,8 @@ Solr's HTTP API for those calls to succeed:
 
 * ``/solr/<core>/update``   accepts any index update and discards it;
 * ``/solr/<core>/select``   answers every query with zero results;
-* ``/solr/<core>/schema``   reports a CKAN 2.11 schema, which CKAN 2.11 and 2.12 both accept, so their version check passes.
+* ``/solr/<core>/schema``   reports a CKAN 2.11 schema, which CKAN 2.11 and 2.12 both
+  accept, so their version check passes.
 
 It is not a search engine: nothing is indexed and ``package_search`` finds
 nothing. ckanext-webhooks never depends on search. A real deployment points

@@ -1,5 +1,6 @@
-"""The Celery wiring: the app, its configuration from the CKAN ini, the task
-base class that gives every task a CKAN app context, and the worker command.
+"""The Celery app: its configuration from the CKAN ini, the task base class
+that gives every task a CKAN app context, and the messages that wake workers
+(the tasks are in :mod:`tasks`, the worker process in :mod:`worker`).
 
 Celery messages only wake workers up (and the workers' own outbox listener,
 :mod:`listener`, is what publishes them); the durable state lives in the
@@ -10,11 +11,9 @@ would redeliver it after its visibility timeout and multiply it).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from typing import Any
 
-from celery import Celery, Task, signals
+from celery import Celery, Task
 
 from ckan import model
 from ckan.plugins import toolkit
@@ -49,9 +48,10 @@ celery = Celery("ckanext.webhooks", task_cls=CKANTask, set_as_current=False)
 _flask = None
 
 
-def _add_listener() -> None:
-    from .listener import OutboxListener
-    celery.steps["consumer"].add(OutboxListener)
+def use_flask_app(app: Any) -> None:
+    """The CKAN app whose context tasks run in (the worker command's own)."""
+    global _flask
+    _flask = app
 
 
 def _flask_app():
@@ -111,54 +111,3 @@ def send_fanout() -> None:
 def send_drain(count: int = 1) -> None:
     for _ in range(count):
         celery.send_task(DRAIN, queue=queue_name(), retry=False)
-
-
-@signals.worker_process_init.connect
-@signals.beat_init.connect
-def _fresh_connections(**_: Any) -> None:
-    """A forked process must not share its parent's database connections."""
-    model.Session.remove()
-    model.meta.engine.dispose(close=False)
-
-
-@signals.worker_process_init.connect
-def _pool_process(**_: Any) -> None:
-    """In a pool process, a drain under way defers SIGTERM until its requests
-    are finished and recorded (see :func:`dispatcher.drain`)."""
-    from . import dispatcher
-    dispatcher.in_pool_process()
-
-
-@signals.worker_shutting_down.connect
-def _stop_claiming(how: str = "Warm", **_: Any) -> None:
-    """Runs in the worker's main process (in its signal handler) when it is
-    asked to stop: every process of the worker stops claiming deliveries and
-    records those on the wire before its task returns."""
-    from . import dispatcher
-    dispatcher.worker_stopping(cold=how != "Warm")
-
-
-@signals.worker_ready.connect
-def _announce_ready(**_: Any) -> None:
-    log.info("ckanext-webhooks worker ready, consuming %s", queue_name())
-
-
-def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
-               loglevel: str, pool: str | None = None) -> None:
-    """Start a Celery worker consuming the webhooks queue (blocks)."""
-    global _flask
-    _flask = flask_app
-    from . import tasks  # noqa: F401 - registers the tasks
-    _add_listener()
-    schedule = os.path.join(tempfile.gettempdir(),
-                            f"ckanext-webhooks-beat-{os.getpid()}")
-    argv = ["worker", f"--loglevel={loglevel}", "-Q", queue_name(),
-            "--without-gossip", "--without-mingle",
-            f"--hostname=webhooks-{os.getpid()}@%h"]
-    if concurrency:
-        argv.append(f"--concurrency={concurrency}")
-    if pool:
-        argv.append(f"--pool={pool}")
-    if beat:
-        argv += ["--beat", f"--schedule={schedule}"]
-    celery.worker_main(argv)

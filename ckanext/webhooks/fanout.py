@@ -35,13 +35,16 @@ from ckan import model
 from . import audience, settings, topics
 from .capture import package_groups
 from .ids import fingerprint
-from .model import WebhookEvent, utcnow
+from .model import NOTIFY_CHANNEL, WebhookEvent, utcnow
 
 log = logging.getLogger(__name__)
 
 FANOUT_EVENTS = 100  # events a fan-out task takes at a time
 MAX_FANOUT_ATTEMPTS = 5
-DATASET_TOPICS = [topics.DATASET_CREATE, topics.DATASET_UPDATE, topics.DATASET_DELETE]
+# Whatever the dataset event, a reader may get any of the three: an update,
+# or a create/delete when the dataset entered or left their view.
+DATASET_PATTERNS = [topics.DATASET_CREATE, topics.DATASET_UPDATE, topics.DATASET_DELETE,
+                    "dataset/*", topics.WILDCARD]
 ACTIVE = "active"
 
 
@@ -83,23 +86,50 @@ def pending_events(min_age: float) -> bool:
     """), {"age": min_age}).first())
 
 
+def recover(hook_id: str, since, until) -> int:
+    """Queue again for one hook every event of the window it would hear now:
+    its topics, its filters and its reader's view as judged now, each with
+    its original id, due in the order the events happened. A rendering made
+    at fan-out for the hook's reader is reused; if its reader had none (no
+    hook of theirs heard it then), the entity is rendered as they see it now.
+    Events a delivery of which is still pending for the hook are left to it.
+    Returns the deliveries queued."""
+    session = model.Session
+    events = session.scalars(
+        sa.select(WebhookEvent).where(
+            WebhookEvent.created >= since, WebhookEvent.created <= until,
+            WebhookEvent.fanned_out.isnot(None), WebhookEvent.set_aside.is_(None))
+        .order_by(WebhookEvent.created, WebhookEvent.id)).all()
+    queued = 0
+    for order, event in enumerate(events):
+        with session.begin_nested():
+            queued += _fan_out_event(event, hook_id=hook_id, delay=order * 0.001)
+    session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+    session.commit()
+    return queued
+
+
 # --- one event ----------------------------------------------------------------
 
-def _fan_out_event(event: WebhookEvent, only: Optional[str] = None) -> int:
-    """Queue the deliveries of one event (of one audience only, on a retry)."""
+def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
+                   hook_id: Optional[str] = None, delay: float = 0.0) -> int:
+    """Queue the deliveries of one event (of one audience only, on a retry;
+    to one hook only, due ``delay`` seconds from now, on a recovery)."""
     kind = topics.object_type(event.topic) if event.topic in topics.TOPICS else None
     if kind is None:
-        return _fan_out_plugin_event(event)
+        return _fan_out_plugin_event(event, hook_id, delay)
     snapshot = event.snapshot or {}
     before, after = snapshot.get("_before"), snapshot.get("_after") or {}
     groups_after = _groups(event.package_id)
     groups_before = (before or {}).get("groups", groups_after)
-    hook_topics = DATASET_TOPICS if kind == "dataset" else [event.topic]
-    where = {"topics": hook_topics, "pkg": event.package_id,
+    where = {"patterns": topics.patterns_for(event.topic) if kind == "resource"
+             else DATASET_PATTERNS, "pkg": event.package_id,
              "org_before": (before or {}).get("owner_org"), "org_after": after.get("owner_org"),
-             "groups_before": groups_before, "groups_after": groups_after, "only": only}
+             "groups_before": groups_before, "groups_after": groups_after, "only": only,
+             "hook": hook_id}
     audiences = model.Session.execute(sa.text(f"""
-        SELECT audience, array_agg(DISTINCT topic) AS topics FROM ({_HOOKS}) h
+        SELECT audience, array_agg(DISTINCT t) AS topics
+          FROM ({_HOOKS}) h, unnest(h.topics) t
          GROUP BY audience
     """), where).all()
     names = audience.reader_names(a.audience for a in audiences)
@@ -107,58 +137,70 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None) -> int:
     decisions = []
     for row in audiences:
         decision = _decide(event, kind, row.audience, names[row.audience], row.topics,
-                           before, after, now)
+                           before, after, now, reuse=hook_id is not None)
         if decision is not None:
             decisions.append(decision)
     if not decisions:
         return 0
+    # Each hook's reader gets at most one delivery of the event: the topic the
+    # change is for them (an update, or a create/delete when it entered or
+    # left their view), if the hook subscribes to that topic.
     return model.Session.execute(sa.text(f"""
         WITH d AS (SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
                      AS d(audience text, vb bool, va bool)),
-             x AS (SELECT h.id, h.topic AS hook_topic, h.audience, d.vb, d.va,
+             x AS (SELECT h.id, h.topics, h.audience, d.vb, d.va,
                           d.vb AND h.mb AS ib, d.va AND h.ma AS ia
-                     FROM ({_HOOKS}) h JOIN d ON d.audience = h.audience)
+                     FROM ({_HOOKS}) h JOIN d ON d.audience = h.audience),
+             t AS (SELECT x.*, CASE
+                     WHEN :kind = 'resource' THEN
+                          CASE WHEN (CASE WHEN :event_topic = 'resource/delete' THEN ib
+                                          ELSE ia END) THEN :event_topic END
+                     WHEN ib AND ia THEN
+                          CASE WHEN :event_topic = 'dataset/update' THEN 'dataset/update' END
+                     WHEN ib THEN 'dataset/delete'
+                     WHEN ia THEN 'dataset/create' END AS delivered
+                     FROM x)
         INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic,
                                        reason)
-        SELECT :event_id, id, 0, now(), audience, hook_topic,
-               CASE WHEN hook_topic = 'dataset/delete' THEN
+        SELECT :event_id, id, 0, now() + make_interval(secs => :delay), audience, delivered,
+               CASE WHEN delivered = 'dataset/delete' THEN
                       CASE WHEN :after_state = 'deleted' THEN 'deleted'
                            WHEN :after_state = 'purged' THEN 'purged'
                            WHEN va THEN 'filtered_out' ELSE 'hidden' END
-                    WHEN hook_topic = 'dataset/create' THEN
+                    WHEN delivered = 'dataset/create' THEN
                       CASE WHEN :before_state = 'deleted' THEN 'restored'
                            WHEN :before_state IS DISTINCT FROM 'active' THEN 'created'
                            WHEN vb THEN 'filtered_in' ELSE 'visible' END END
-          FROM x
-         WHERE CASE WHEN :kind = 'resource' THEN hook_topic = :event_topic
-                         AND CASE WHEN :event_topic = 'resource/delete' THEN ib ELSE ia END
-                    WHEN hook_topic = 'dataset/update' THEN
-                         ib AND ia AND :event_topic = 'dataset/update'
-                    WHEN hook_topic = 'dataset/delete' THEN ib AND NOT ia
-                    ELSE ia AND NOT ib END
+          FROM t
+         WHERE delivered IS NOT NULL
+           AND topics && ARRAY[delivered, split_part(delivered, '/', 1) || '/*', '*']
         ON CONFLICT DO NOTHING
     """), {**where, "decisions": json.dumps(decisions), "event_id": event.id,
-           "kind": kind, "event_topic": event.topic,
+           "kind": kind, "event_topic": event.topic, "delay": delay,
            "after_state": after.get("state"),
            "before_state": (before or {}).get("state")}).rowcount
 
 
-# The hooks that may hear an event: right topic, reader still active, and the
-# hook's filters match the dataset as it was before or as it is after.
+# The hooks that may hear an event: active, a topic that may match, reader
+# still active, and the hook's filters match the dataset as it was before or
+# as it is after.
 _FILTER = """((w.dataset_id IS NULL OR w.dataset_id = :pkg)
       AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{0} AS text))
       AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups_{0} AS text[]))))"""
 _HOOKS = f"""
-    SELECT w.id, w.topic, {audience.AUDIENCE_SQL} AS audience,
+    SELECT w.id, w.topics, {audience.AUDIENCE_SQL} AS audience,
            {_FILTER.format("before")} AS mb, {_FILTER.format("after")} AS ma
       FROM webhooks w
-     WHERE w.topic = ANY(CAST(:topics AS text[])) AND {audience.READER_ACTIVE_SQL}
+     WHERE w.topics && CAST(:patterns AS text[])
+       AND (w.active OR w.id = CAST(:hook AS text)) AND {audience.READER_ACTIVE_SQL}
        AND ({_FILTER.format("before")} OR {_FILTER.format("after")})
-       AND (CAST(:only AS text) IS NULL OR {audience.AUDIENCE_SQL} = :only)"""
+       AND (CAST(:only AS text) IS NULL OR {audience.AUDIENCE_SQL} = :only)
+       AND (CAST(:hook AS text) IS NULL OR w.id = :hook)"""
 
 
 def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list[str],
-            before: Optional[dict], after: dict, now: Optional[dict]) -> Optional[dict]:
+            before: Optional[dict], after: dict, now: Optional[dict],
+            reuse: bool = False) -> Optional[dict]:
     """Could ``reader`` see the entity before (vb) and after (va) the change?
     Renders it for them when a hook of theirs needs the body. None: nothing
     for this audience now (withheld, or rendering failed and will be retried).
@@ -173,7 +215,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
     if kind == "dataset":
         action, object_id = "package_show", package_id
         judge_before = judge_after = True
-        needs_body = bool({topics.DATASET_CREATE, topics.DATASET_UPDATE} & set(hook_topics))
+        needs_body = any(topics.matches(pattern, topic) for pattern in hook_topics
+                         for topic in (topics.DATASET_CREATE, topics.DATASET_UPDATE))
     else:
         action, object_id = "resource_show", event.object_id
         judge_before = event.topic == topics.RESOURCE_DELETE
@@ -197,6 +240,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
         # that it is rendered? If not, a later event tells them (never widen).
         if not visible(now):
             return None
+        if reuse and _has_rendering(event.id, key):  # a recovery: what they were sent
+            return {"audience": key, "vb": bool(vb), "va": bool(va)}
         try:
             with model.Session.begin_nested():
                 data = audience.render(action, object_id, reader)
@@ -205,6 +250,12 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
             return None
         _store_rendering(event.id, key, data)
     return {"audience": key, "vb": bool(vb), "va": bool(va)}
+
+
+def _has_rendering(event_id: str, key: str) -> bool:
+    return model.Session.execute(sa.text(
+        "SELECT 1 FROM webhooks_rendering WHERE event_id = :e AND audience = :a "
+        "AND data IS NOT NULL"), {"e": event_id, "a": key}).first() is not None
 
 
 def _visibility_key(state: dict) -> tuple:
@@ -218,19 +269,24 @@ def _visibility_now(package_id: Optional[str]) -> Optional[dict]:
     return dict(row._mapping) if row is not None else None
 
 
-def _fan_out_plugin_event(event: WebhookEvent) -> int:
+def _fan_out_plugin_event(event: WebhookEvent, hook_id: Optional[str] = None,
+                          delay: float = 0.0) -> int:
     """A plugin's own topic: its data, to every hook of the topic (the plugin
     vetoes what must not be heard; a dataset's visibility is checked at delivery)."""
     known = (event.snapshot or {}).get("_after") or {}
     return model.Session.execute(sa.text(f"""
         INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic)
-        SELECT :event_id, w.id, 0, now(), {audience.AUDIENCE_SQL}, :topic FROM webhooks w
-         WHERE w.topic = :topic AND {audience.READER_ACTIVE_SQL}
+        SELECT :event_id, w.id, 0, now() + make_interval(secs => :delay),
+               {audience.AUDIENCE_SQL}, :topic FROM webhooks w
+         WHERE w.topics && CAST(:patterns AS text[])
+           AND (w.active OR w.id = CAST(:hook AS text)) AND {audience.READER_ACTIVE_SQL}
+           AND (CAST(:hook AS text) IS NULL OR w.id = :hook)
            AND (w.dataset_id IS NULL OR w.dataset_id = :package_id)
            AND (w.organization_id IS NULL OR w.organization_id = :owner_org)
            AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups AS text[])))
         ON CONFLICT DO NOTHING
-    """), {"event_id": event.id, "topic": event.topic, "package_id": event.package_id,
+    """), {"event_id": event.id, "topic": event.topic, "hook": hook_id, "delay": delay,
+           "patterns": topics.patterns_for(event.topic), "package_id": event.package_id,
            "owner_org": known.get("owner_org"), "groups": _groups(event.package_id)}
     ).rowcount
 

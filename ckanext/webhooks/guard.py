@@ -105,10 +105,28 @@ def parse(address: str) -> tuple[str, str, int, str]:
     if port == 0:
         raise Refused("Not a valid port")
     port = port or (443 if scheme == "https" else 80)
+    if port < 1024 and port not in settings.allowed_ports_below_1024():
+        raise Refused("Ports below 1024 other than 80 and 443 are not allowed on this portal")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
     return scheme, host, port, path
+
+
+@functools.lru_cache(maxsize=4096)
+def site_of(host: str) -> str:
+    """What the per-site cap counts: the registrable domain of a name (from
+    the bundled public suffix list: ``a.evil.example`` -> ``evil.example``),
+    or the address itself for an IP literal or a bare public suffix."""
+    if _ip_literal(host.strip("[]")) is not None:
+        return host
+    return _suffixes().privatesuffix(host) or host
+
+
+@functools.lru_cache(maxsize=1)
+def _suffixes():
+    from publicsuffixlist import PublicSuffixList
+    return PublicSuffixList()  # the list shipped with the package: no download
 
 
 @functools.lru_cache(maxsize=4096)
@@ -127,8 +145,8 @@ def _normalise_host(host: str) -> str:
         # Special-use names (RFC 6761 and friends) are local by definition:
         # refused without asking DNS.
         raise Refused("Refers to a private, local or reserved network address")
-    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*",
-                        ascii_host):
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+                        r"(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*", ascii_host):
         raise Refused("Not a valid host name")
     return ascii_host
 

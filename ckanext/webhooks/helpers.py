@@ -7,8 +7,11 @@ from typing import Optional
 
 from ckan.plugins import toolkit
 
+from . import settings
+
 __all__ = ["webhooks_topic_label", "webhooks_state_label", "webhooks_sort_label",
-           "webhooks_percent", "webhooks_new_secret"]
+           "webhooks_percent", "webhooks_new_secret", "webhooks_pause_grace_days",
+           "webhooks_secret_rotation_hours"]
 
 
 def webhooks_topic_label(topic: str) -> str:
@@ -21,12 +24,16 @@ def webhooks_topic_label(topic: str) -> str:
         "resource/create": _("A resource is added"),
         "resource/update": _("A resource is updated"),
         "resource/delete": _("A resource is deleted"),
+        "dataset/*": _("Anything happens to a dataset"),
+        "resource/*": _("Anything happens to a resource"),
+        "*": _("Anything happens"),
     }.get(topic, topic)
 
 
 def webhooks_state_label(state: str) -> str:
     _ = toolkit._
-    return {"healthy": _("Healthy"), "failing": _("Failing")}.get(state, state)
+    return {"healthy": _("Healthy"), "failing": _("Failing"),
+            "paused": _("Paused")}.get(state, state)
 
 
 def webhooks_sort_label(sort: str) -> str:
@@ -44,3 +51,11 @@ def webhooks_percent(ratio: Optional[float]) -> str:
 def webhooks_new_secret() -> str:
     """A fresh Standard Webhooks secret to suggest in the form (never stored)."""
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def webhooks_pause_grace_days() -> str:
+    return f"{settings.pause_grace_days():g}"
+
+
+def webhooks_secret_rotation_hours() -> str:
+    return f"{settings.secret_rotation_hours():g}"

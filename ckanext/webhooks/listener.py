@@ -20,13 +20,13 @@ from celery import bootsteps
 
 from ckan import model
 
-from .dispatcher import NOTIFY_CHANNEL
+from .celery_app import send_fanout
+from .model import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
 
 def _wake_a_worker() -> None:
-    from .celery_app import send_fanout
     try:
         send_fanout()
     except Exception as error:  # noqa: BLE001 - the periodic sweep asks again

@@ -17,11 +17,15 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, ForeignKey, Index, Integer, Text,
+    BigInteger, Boolean, Column, DateTime, ForeignKey, Index, Integer, Text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from ckan.plugins import toolkit
+
+# The channel the outbox trigger (migration 01) notifies when events commit;
+# the workers' listener LISTENs on it.
+NOTIFY_CHANNEL = "ckanext_webhooks_events"
 
 
 def utcnow() -> dt.datetime:
@@ -32,12 +36,24 @@ class Webhook(toolkit.BaseModel):
     __tablename__ = "webhooks"
 
     id = Column(Text, primary_key=True)
-    topic = Column(Text, nullable=False)
+    # The topics it hears; ``dataset/*``, ``resource/*`` and ``*`` are wildcards.
+    topics = Column(ARRAY(Text), nullable=False)
     address = Column(Text, nullable=False)
     # The address's host, normalised: for the per-host limit and for reports.
     host = Column(Text, nullable=False)
+    # Its registrable domain (or IP address): what the per-site cap counts.
+    site = Column(Text, nullable=False)
     # Standard Webhooks signing secret ("whsec_..."); never shown by the API.
     secret = Column(Text, nullable=True)
+    # The secret a rotation replaced: it signs beside the new one until then.
+    previous_secret = Column(Text, nullable=True)
+    previous_secret_until = Column(DateTime(timezone=True), nullable=True)
+    # Paused: hears nothing, its pending deliveries held. pause_reason is NULL
+    # when its owner paused it, else the rule that did (then deleted after a
+    # grace period unless resumed).
+    active = Column(Boolean, nullable=False, default=True)
+    paused_at = Column(DateTime(timezone=True), nullable=True)
+    pause_reason = Column(Text, nullable=True)
     # Whose read permissions apply to deliveries; NULL for anonymous hooks.
     user_id = Column(Text, nullable=True)
     # The API token it was bound through: once revoked, the hook hears as anonymous.
@@ -59,10 +75,13 @@ class Webhook(toolkit.BaseModel):
     # Start of the current unbroken run of failures (stale pruning).
     failing_since = Column(DateTime(timezone=True), nullable=True)
 
-    # One subscription per (topic, address, filters): a unique index on
-    # expressions, created by the migration.
+    # Overlapping subscriptions (same address and filters, a topic in
+    # common) are refused by the actions, under an advisory lock per address.
     __table_args__ = (
         Index("webhooks_host_idx", "host"),
+        Index("webhooks_address_idx", "address"),
+        Index("webhooks_site_idx", "site"),
+        Index("webhooks_topics_idx", "topics", postgresql_using="gin"),
     )
 
 

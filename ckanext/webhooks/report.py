@@ -12,13 +12,13 @@ from ckan import model
 
 from .model import Webhook
 
-STATES = ("healthy", "failing")
+STATES = ("healthy", "failing", "paused")
 _SUCCESS_RATE = sa.case((Webhook.delivery_count > 0,
                          sa.cast(Webhook.success_count, sa.Float) / Webhook.delivery_count),
                         else_=None)
 SORTS = {
     "created": Webhook.created,
-    "topic": Webhook.topic,
+    "topic": Webhook.topics,
     "host": Webhook.host,
     "deliveries": Webhook.delivery_count,
     "success_rate": _SUCCESS_RATE,
@@ -34,13 +34,15 @@ def hooks(topic: Optional[str] = None, host: Optional[str] = None,
     """Hooks matching the filters, in a stable order (ties broken by id)."""
     query = model.Session.query(Webhook)
     if topic:
-        query = query.filter(Webhook.topic == topic)
+        query = query.filter(Webhook.topics.any(topic))
     if host:
         query = query.filter(Webhook.host == host.lower())
     if state == "healthy":
-        query = query.filter(Webhook.failing_since.is_(None))
+        query = query.filter(Webhook.active, Webhook.failing_since.is_(None))
     elif state == "failing":
-        query = query.filter(Webhook.failing_since.isnot(None))
+        query = query.filter(Webhook.active, Webhook.failing_since.isnot(None))
+    elif state == "paused":
+        query = query.filter(sa.not_(Webhook.active))
     column = SORTS[sort]
     order = column.desc().nulls_last() if descending else column.asc().nulls_first()
     return query.order_by(order, Webhook.id)
@@ -50,7 +52,9 @@ def totals() -> dict[str, Any]:
     """Hooks, their health, the queue and the last day's attempts, in numbers."""
     row = model.Session.execute(sa.text("""
         SELECT (SELECT count(*) FROM webhooks) AS hooks,
-               (SELECT count(*) FROM webhooks WHERE failing_since IS NOT NULL) AS failing,
+               (SELECT count(*) FROM webhooks WHERE active AND failing_since IS NOT NULL)
+                   AS failing,
+               (SELECT count(*) FROM webhooks WHERE NOT active) AS paused,
                (SELECT count(*) FROM webhooks_delivery) AS pending,
                (SELECT count(*) FROM webhooks_event WHERE fanned_out IS NULL) AS events_waiting,
                (SELECT count(*) FROM webhooks_event WHERE set_aside IS NOT NULL)
@@ -63,7 +67,7 @@ def totals() -> dict[str, Any]:
                    AND status BETWEEN 200 AND 299) AS successes_24h
     """)).mappings().one()
     by_topic = dict(model.Session.execute(sa.text(
-        "SELECT topic, count(*) FROM webhooks GROUP BY topic ORDER BY topic")).all())
+        "SELECT t, count(*) FROM webhooks, unnest(topics) t GROUP BY t ORDER BY t")).all())
     out = dict(row, by_topic=by_topic)
     out["success_rate_24h"] = round(row["successes_24h"] / row["attempts_24h"], 4) \
         if row["attempts_24h"] else None

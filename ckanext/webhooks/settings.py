@@ -48,6 +48,18 @@ def anonymous_create_limit() -> int:
     return _int("anonymous_create_limit")
 
 
+def user_create_limit() -> int:
+    return _int("user_create_limit")
+
+
+def ipv6_client_prefix() -> int:
+    return max(0, min(128, _int("ipv6_client_prefix")))
+
+
+def allowed_ports_below_1024() -> set[int]:
+    return {int(port) for port in _list("allowed_ports_below_1024")}
+
+
 def anonymous_create_period() -> int:
     return _int("anonymous_create_period")
 
@@ -130,8 +142,30 @@ def stale_after_days() -> float:
     return _float("stale_after_days")
 
 
+def pause_grace_days() -> float:
+    return _float("pause_grace_days")
+
+
+def secret_rotation_hours() -> float:
+    return _float("secret_rotation_hours")
+
+
 def log_retention_days() -> float:
     return _float("log_retention_days")
+
+
+def event_retention_days() -> float:
+    return _float("event_retention_days")
+
+
+# Secrets at rest (see crypto.py)
+def secret_keys() -> list[str]:
+    return _list("secret_keys")
+
+
+def ckan_secret_key() -> Optional[str]:
+    """CKAN's own ``SECRET_KEY`` (a key derived from it always decrypts)."""
+    return toolkit.config.get("SECRET_KEY") or toolkit.config.get("beaker.session.secret")
 
 
 # The Celery wiring (read from the config being loaded, too)

@@ -2,7 +2,7 @@
 ``webhook-id`` (the event id, stable across retries), ``webhook-timestamp``
 and ``webhook-signature: v1,<base64 HMAC-SHA256 of id.timestamp.body>``.
 
-The sender (:mod:`delivery`) calls :func:`headers` right before it writes
+The sender (:mod:`sender`) calls :func:`headers` right before it writes
 each request, so the timestamp is that of the moment the request leaves,
 however long it waited for a connection. Several secrets (a rotation: the
 old and the new one) give one ``v1,<signature>`` each, separated by spaces,

@@ -1,4 +1,5 @@
-"""Celery tasks. Thin on purpose: the work is in :mod:`dispatcher`, the
+"""Celery tasks. Thin on purpose: the work is in :mod:`fanout`,
+:mod:`dispatcher` and :mod:`maintenance`, the
 durable state in the database, so a task can be lost or run twice: the
 messages carry no data, they only say "there is work"."""
 from __future__ import annotations
@@ -6,9 +7,11 @@ from __future__ import annotations
 import logging
 import math
 
-from . import dispatcher, settings
-from .fanout import FANOUT_EVENTS, fan_out, pending_events
+from . import dispatcher, maintenance, settings
 from .celery_app import DRAIN, FANOUT, PRUNE, SWEEP, celery, send_drain, send_fanout
+from .delivery_queue import due_count
+from .fanout import FANOUT_EVENTS, fan_out, pending_events
+from .shutdown import sigterm_deferred
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ def _ask(count: int) -> None:
 
 @celery.task(name=FANOUT)
 def fanout() -> int:
-    with dispatcher.sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
+    with sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
         return _fanout()
 
 
@@ -54,7 +57,7 @@ def _fanout() -> int:
 
 @celery.task(name=DRAIN)
 def drain() -> int:
-    with dispatcher.sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
+    with sigterm_deferred():  # SIGTERM: what is on the wire is recorded first
         done, more = dispatcher.drain()
         if done:
             log.info("delivery attempts made: %d", done)
@@ -68,11 +71,11 @@ def sweep() -> None:
     if pending_events(min_age=1.0):
         log.info("sweep: events wait for a fan-out no notification asked for")
         send_fanout()
-    due = dispatcher.due_count()
+    due = due_count()
     if due:
         _ask(_helpers_for(due) + 1)
 
 
 @celery.task(name=PRUNE)
 def prune() -> dict:
-    return dispatcher.prune()
+    return maintenance.prune()

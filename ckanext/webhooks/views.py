@@ -12,33 +12,41 @@ from flask_wtf.csrf import ValidationError as CSRFInvalid, validate_csrf
 
 from ckan.plugins import toolkit
 
-from . import chart, ratelimit, report
+from . import chart, ratelimit, report, settings
 from .logic.auth import FORM_CONTEXT_KEY
-from .topics import TOPICS, all_topics
+from .topics import TOPICS, all_topics, valid_patterns
 
 _ = toolkit._
 webhooks = Blueprint("webhooks", __name__)
 
-# Creating a hook and pinging one make the portal send requests: both count,
-# through the action API and through the pages alike.
-_API_LIMITED = re.compile(r"^/api/(?:\d+/)?action/webhook_(?:create|ping)/?$")
-_PAGE_LIMITED = re.compile(r"^/(?:dataset/[^/]+/)?webhooks/(?:new|[^/]+/ping)/?$")
+# Creating a hook, pinging one and recovering its events make the portal send
+# requests: they count, through the action API and through the pages alike.
+_API_LIMITED = re.compile(r"^/api/(?:\d+/)?action/webhook_(?:create|ping|recover)/?$")
+_PAGE_LIMITED = re.compile(r"^/(?:dataset/[^/]+/)?webhooks/(?:new|[^/]+/(?:ping|recover))/?$")
 PAGE_SIZE = 50
 
 
 @webhooks.before_app_request
-def _limit_anonymous_creation():
+def _limit_creation():
     request = toolkit.request
-    if request.method != "POST" or toolkit.current_user.is_authenticated:
+    if request.method != "POST":
         return None
     is_api = bool(_API_LIMITED.match(request.path))
     if not is_api and not _PAGE_LIMITED.match(request.path):
         return None
-    wait = ratelimit.hit(request.remote_addr or "unknown")
+    user = toolkit.current_user
+    if user.is_authenticated:
+        if getattr(user, "sysadmin", False):
+            return None
+        wait = ratelimit.hit(f"user:{user.id}", settings.user_create_limit())
+        message = _("Too many webhooks created by you; try again in %d seconds")
+    else:
+        wait = ratelimit.hit(ratelimit.client_key(request.remote_addr))
+        message = _("Too many webhooks created from your address; "
+                    "try again in %d seconds")
     if wait is None:
         return None
-    message = _("Too many webhooks created from your address; "
-                "try again in %d seconds") % wait
+    message = message % wait
     if is_api:
         response = jsonify({
             "help": toolkit.url_for("api.action", logic_function="help_show", ver=3,
@@ -171,24 +179,21 @@ def new(id: Optional[str] = None):
 
 
 def _create_hooks(form: dict[str, Any], dataset: Optional[dict]) -> list[str]:
-    """One hook per chosen topic, all or none: a refusal of any removes the
-    ones created before it."""
+    """One hook for every chosen event (one verification handshake)."""
     if not form["topics"]:
         raise toolkit.ValidationError({"topic": [_("Choose at least one event")]})
-    created: list[str] = []
+    data = {"topics": form["topics"], "address": form["address"]}
+    if form["secret"]:
+        data["secret"] = form["secret"]
+    if dataset:
+        data["dataset"] = dataset["id"]
     try:
-        for topic in form["topics"]:
-            data = {"topic": topic, "address": form["address"]}
-            if form["secret"]:
-                data["secret"] = form["secret"]
-            if dataset:
-                data["dataset"] = dataset["id"]
-            created.append(_call("webhook_create", data))
-    except toolkit.ValidationError:
-        for hook_id in created:
-            toolkit.get_action("webhook_delete")(_context(), {"id": hook_id})
-        raise
-    return created
+        return [_call("webhook_create", data)]
+    except toolkit.ValidationError as error:
+        errors = dict(error.error_dict)
+        if "topics" in errors:  # the form's field is "topic"
+            errors["topic"] = errors.pop("topics")
+        raise toolkit.ValidationError(errors)
 
 
 # Manage by id
@@ -198,7 +203,31 @@ def read(id: str):
     hook = _call("webhook_show", {"id": id})
     attempts = _call("webhook_deliveries", {"id": id, "limit": 20})
     return _private(toolkit.render("webhooks/read.html", {
-        "hook": hook, "attempts": attempts}))
+        "hook": hook, "attempts": attempts, "filters": _filters_shown(hook),
+        "new_secret": toolkit.h.webhooks_new_secret(),
+        "an_hour_ago": (dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1))
+        .strftime("%Y-%m-%dT%H:%M")}))
+
+
+def _filters_shown(hook: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each filter with its title and link, as the visitor may see it (an
+    object hidden from them stays an id)."""
+    shown = []
+    for kind, action, route in (("dataset", "package_show", "dataset.read"),
+                                ("organization", "organization_show", "organization.read"),
+                                ("group", "group_show", "group.read")):
+        object_id = hook["filters"][kind]
+        if not object_id:
+            continue
+        try:
+            found = toolkit.get_action(action)(_context(), {"id": object_id})
+        except (toolkit.ObjectNotFound, toolkit.NotAuthorized):
+            shown.append({"kind": kind, "id": object_id, "title": None, "url": None})
+        else:
+            shown.append({"kind": kind, "id": object_id,
+                          "title": found.get("title") or found["name"],
+                          "url": toolkit.url_for(route, id=found["name"])})
+    return shown
 
 
 def _back_to(hook_id: Optional[str]):
@@ -208,6 +237,83 @@ def _back_to(hook_id: Optional[str]):
     if hook_id:
         return _private(toolkit.redirect_to("webhooks.read", id=hook_id))
     return toolkit.redirect_to("webhooks.new")
+
+
+@webhooks.route("/webhooks/<id>/edit", methods=["GET", "POST"], endpoint="edit")
+def edit(id: str):
+    hook = _call("webhook_show", {"id": id})
+    form = {"topics": hook["topics"], "address": hook["address"],
+            **{kind: hook["filters"][kind] or "" for kind in ("dataset", "organization",
+                                                              "group")}}
+    errors: dict[str, list[str]] = {}
+    if toolkit.request.method == "POST":
+        posted = toolkit.request.form
+        form = {"topics": posted.getlist("topic"), "address": posted.get("address", "").strip(),
+                **{kind: posted.get(kind, "").strip() for kind in ("dataset", "organization",
+                                                                  "group")}}
+        try:
+            _call("webhook_update", {"id": id, **form})
+        except toolkit.ValidationError as error:
+            errors = dict(error.error_dict)
+            if "topics" in errors:  # the form's field is "topic"
+                errors["topic"] = errors.pop("topics")
+        else:
+            toolkit.h.flash_success(_("Webhook changed"))
+            return _back_to(id)
+    return _private(toolkit.render("webhooks/edit.html", {
+        "hook": hook, "topics": list(valid_patterns()), "form_data": form, "errors": errors,
+        "error_summary": {key: "; ".join(map(str, value)) for key, value in errors.items()}}))
+
+
+@webhooks.route("/webhooks/<id>/pause", methods=["POST"], endpoint="pause")
+def pause(id: str):
+    _call("webhook_update", {"id": id, "active": False})
+    toolkit.h.flash_success(_("Webhook paused: nothing is sent to it until you resume it"))
+    return _back_to(id)
+
+
+@webhooks.route("/webhooks/<id>/resume", methods=["POST"], endpoint="resume")
+def resume(id: str):
+    _call("webhook_update", {"id": id, "active": True})
+    toolkit.h.flash_success(_("Webhook resumed: what was held is on its way"))
+    return _back_to(id)
+
+
+@webhooks.route("/webhooks/<id>/secret", methods=["POST"], endpoint="secret")
+def secret(id: str):
+    _call("webhook_show", {"id": id})  # an unknown id is a 404 whatever the form says
+    form = toolkit.request.form
+    new = "" if form.get("drop") else form.get("secret", "").strip()
+    if not new and not form.get("drop"):
+        toolkit.h.flash_error(_("secret: Missing value"))
+        return _back_to(id)
+    try:
+        hook = _call("webhook_update", {"id": id, "secret": new})
+    except toolkit.ValidationError as error:
+        toolkit.h.flash_error(_error_text(error))
+        return _back_to(id)
+    if not new:
+        toolkit.h.flash_success(_("Secret removed: deliveries are no longer signed"))
+    elif hook["previous_secret_until"]:
+        toolkit.h.flash_success(_("New secret set; the old one also signs until %s")
+                                % toolkit.h.render_datetime(hook["previous_secret_until"],
+                                                            with_hours=True))
+    else:
+        toolkit.h.flash_success(_("Secret set: deliveries are signed from now on"))
+    return _back_to(id)
+
+
+@webhooks.route("/webhooks/<id>/recover", methods=["POST"], endpoint="recover")
+def recover(id: str):
+    _call("webhook_show", {"id": id})
+    try:
+        result = _call("webhook_recover", {"id": id,
+                                           "since": toolkit.request.form.get("since", "")})
+    except toolkit.ValidationError as error:
+        toolkit.h.flash_error(_error_text(error))
+    else:
+        toolkit.h.flash_success(_("%d past events queued for this webhook") % result["queued"])
+    return _back_to(id)
 
 
 @webhooks.route("/webhooks/<id>/ping", methods=["POST"], endpoint="ping")

@@ -1,37 +1,45 @@
 """The webhook actions of the CKAN action API."""
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 from typing import Any, Optional
 
 import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 
 from ckan import model
 from ckan.plugins import toolkit
 
-from .. import guard, ids, payload, report, settings, signing, verification
-from ..delivery import Request, web_sender
-from ..dispatcher import attempt_row, log_attempts, requeue
+from .. import crypto, guard, ids, payload, report, settings, topics, verification
+from ..sender import Outcome, Request, web_sender
+from ..delivery_queue import attempt_row, log_attempts, pause, requeue, resume
+from ..fanout import recover
 from ..model import Webhook, WebhookAttempt, WebhookDelivery, WebhookEvent, utcnow
 from . import schema
 
-DUPLICATE = "A webhook for this topic and address already exists"
+log = logging.getLogger(__name__)
+DUPLICATE = "A webhook for this address, these filters and one of these topics already exists"
 
 
-def _validate(data_dict: dict[str, Any], schema_: dict, context: dict) -> dict[str, Any]:
+def _validate(data_dict: dict[str, Any], schema_: dict, context: dict,
+              topic_required: bool = False) -> dict[str, Any]:
     data, errors = toolkit.navl_validate(data_dict, schema_, context)
     unknown = {key: ["Unknown field"] for key in data.pop("__extras", {}) or {}}
     if data.pop("__junk", None):
         errors.setdefault("__junk", ["Unexpected nested values"])
     errors.update(unknown)
+    if topic_required and not ({"topic", "topics"} & (set(data) | set(errors))):
+        # Reported on "topic", the field of the original API.
+        errors["topic"] = [toolkit._("Missing value: give topic, or topics (a list)")]
     if errors:
         raise toolkit.ValidationError(errors)
     return data
 
 
-def _get(hook_id: str) -> Webhook:
-    hook = model.Session.get(Webhook, hook_id)
+def _get(hook_id: str, lock: bool = False) -> Webhook:
+    hook = model.Session.get(Webhook, hook_id, with_for_update=lock or None,
+                             populate_existing=lock)
     if hook is None:
         raise toolkit.ObjectNotFound("Webhook not found")
     return hook
@@ -41,14 +49,22 @@ def _dictize(hook: Webhook) -> dict[str, Any]:
     iso = lambda value: value.isoformat() if value else None  # noqa: E731
     pending = model.Session.query(sa.func.count()).select_from(WebhookDelivery).filter(
         WebhookDelivery.hook_id == hook.id).scalar()
+    rotating = bool(hook.previous_secret and hook.previous_secret_until
+                    and hook.previous_secret_until > utcnow())
     return {
         "id": hook.id,
-        "topic": hook.topic,
+        "topics": list(hook.topics),
+        **({"topic": hook.topics[0]} if len(hook.topics) == 1 else {}),
         "address": hook.address,
         "created": iso(hook.created),
         "signed": bool(hook.secret),
+        "previous_secret_until": iso(hook.previous_secret_until) if rotating else None,
         "reader": _reader(hook),
-        "state": "failing" if hook.failing_since else "healthy",
+        "active": hook.active,
+        "state": "paused" if not hook.active
+        else "failing" if hook.failing_since else "healthy",
+        "paused": {"at": iso(hook.paused_at), "by": "owner" if not hook.pause_reason
+                   else "rule", "reason": hook.pause_reason} if not hook.active else None,
         "filters": {"dataset": hook.dataset_id, "organization": hook.organization_id,
                     "group": hook.group_id},
         "statistics": {
@@ -66,7 +82,7 @@ def _dictize(hook: Webhook) -> dict[str, Any]:
 
 
 def webhook_create(context, data_dict):
-    """Subscribe a callback address to an event topic.
+    """Subscribe a callback address to one or more event topics.
 
     Anyone may call this unless ``ckanext.webhooks.minimum_auth`` says
     otherwise. When a logged-in user creates a hook, deliveries follow that
@@ -74,8 +90,12 @@ def webhook_create(context, data_dict):
 
     :param topic: one of ``dataset/create``, ``dataset/update``,
         ``dataset/delete``, ``resource/create``, ``resource/update``,
-        ``resource/delete``
+        ``resource/delete``, a topic added by a plugin, or a wildcard:
+        ``dataset/*``, ``resource/*`` (every topic of that kind, those added
+        later included) or ``*``
     :type topic: string
+    :param topics: several of these (instead of, or as well as, ``topic``)
+    :type topics: list of strings
     :param address: the absolute ``http://`` or ``https://`` URL that receives
         the POSTs (at most 2,000 characters; private and local network
         addresses are refused)
@@ -94,54 +114,174 @@ def webhook_create(context, data_dict):
         delivery carries a ``webhook-signature`` header. Never shown again.
     :type secret: string
 
-    Unless the portal turned it off, the address is verified first: it is
-    sent a single-use challenge that it must echo in a 2xx answer (see the
-    README's "Verification handshake").
+    One address may hold several hooks (other filters, or topics that do not
+    overlap); the same address with the same filters and a topic in common
+    with an existing hook is refused. Unless the portal turned it off, the
+    address is verified first: it is sent a single-use challenge that it must
+    echo in a 2xx answer (see the README's "Verification handshake").
 
-    :returns: the id of the new webhook: keep it, it is the only key to show
-        or delete the hook (every delivery carries it too)
+    :returns: the id of the new webhook: keep it, it is the only key to show,
+        change or delete the hook (every delivery carries it too)
     :rtype: string
     """
     toolkit.check_access("webhook_create", context, data_dict)
-    csrf_field = toolkit.config.get("WTF_CSRF_FIELD_NAME") or "_csrf_token"
-    data_dict = {key: value for key, value in data_dict.items() if key != csrf_field}
-    data = _validate(data_dict, schema.webhook_create_schema(), context)
+    data = _validate(_without_csrf(data_dict), schema.webhook_create_schema(), context,
+                     topic_required=True)
+    chosen = _chosen_topics(data)
     session = model.Session
     filters = {"dataset_id": data.get("dataset"), "organization_id": data.get("organization"),
                "group_id": data.get("group")}
-    exists = session.query(Webhook.id).filter_by(
-        topic=data["topic"], address=data["address"], **filters).first()
-    if exists:
-        raise toolkit.ValidationError({"address": [DUPLICATE]})
+    _refuse_overlap(data["address"], filters, chosen)
     host = guard.parse(data["address"])[1]
-    per_host = settings.max_hooks_per_host()
-    if session.query(Webhook.id).filter_by(host=host).limit(per_host).count() >= per_host:
-        raise toolkit.ValidationError({"address": [
-            f"This portal allows at most {per_host} webhooks per receiver host"]})
-    if verification.enabled():
-        try:
-            verification.verify(data["address"], data["topic"])
-        except (verification.Failed, guard.Refused) as failure:
-            raise toolkit.ValidationError({"address": [str(failure)]})
+    _check_site_limit(guard.site_of(host))
+    _verify(data["address"], chosen)
     user_id, token_id = _bound_reader(context)
+    _lock_address(data["address"])
+    _refuse_overlap(data["address"], filters, chosen)  # again, now that it is locked
     hook = Webhook(
         id=ids.new_hook_id(),
-        topic=data["topic"],
+        topics=chosen,
         address=data["address"],
         host=host,
+        site=guard.site_of(host),
         **filters,
-        secret=data.get("secret"),
+        secret=crypto.seal(data.get("secret")),
         user_id=user_id,
         token_id=token_id,
+        active=True,
         created=utcnow(),
     )
     session.add(hook)
-    try:
-        session.commit()
-    except IntegrityError:  # the same hook registered concurrently
-        session.rollback()
-        raise toolkit.ValidationError({"address": [DUPLICATE]})
+    session.commit()
     return hook.id
+
+
+def webhook_update(context, data_dict):
+    """Change a webhook. Only the fields given change; the id stays.
+
+    :param id: the webhook's id, as returned by ``webhook_create``
+    :type id: string
+    :param address: a new address; it is verified by the handshake before
+        the change takes effect, and refused as at creation
+    :type address: string
+    :param topics: the new topics (replacing the old ones; ``topic`` for one)
+    :type topics: list of strings
+    :param dataset: a new dataset filter; empty to remove it
+    :type dataset: string
+    :param organization: a new organization filter; empty to remove it
+    :type organization: string
+    :param group: a new group filter; empty to remove it
+    :type group: string
+    :param secret: a new signing secret: the old one goes on signing beside
+        it for ``ckanext.webhooks.secret_rotation_hours`` (two signatures in
+        ``webhook-signature``); empty to drop the secret (deliveries unsigned
+        from now on)
+    :type secret: string
+    :param active: ``false`` pauses the hook (nothing is queued for it, its
+        pending deliveries are held, it is never pruned while its owner keeps
+        it paused); ``true`` resumes it, and its held deliveries go out
+    :type active: bool
+
+    A refused change changes nothing.
+
+    :returns: the webhook, as ``webhook_show`` shows it
+    :rtype: dictionary
+    """
+    toolkit.check_access("webhook_update", context, data_dict)
+    data = _validate(_without_csrf(data_dict), schema.webhook_update_schema(), context)
+    session = model.Session
+    hook = _get(data["id"])
+    chosen = _chosen_topics(data) or list(hook.topics)
+    address = data.get("address", hook.address)
+    filters = {"dataset_id": data.get("dataset", hook.dataset_id),
+               "organization_id": data.get("organization", hook.organization_id),
+               "group_id": data.get("group", hook.group_id)}
+    _refuse_overlap(address, filters, chosen, except_id=hook.id)
+    host = guard.parse(address)[1]
+    if address != hook.address:
+        if guard.site_of(host) != hook.site:
+            _check_site_limit(guard.site_of(host))
+        _verify(address, chosen)
+    _lock_address(address)
+    hook = _get(data["id"], lock=True)  # deleted or changed meanwhile?
+    _refuse_overlap(address, filters, chosen, except_id=hook.id)
+    hook.topics, hook.address, hook.host = chosen, address, host
+    hook.site = guard.site_of(host)
+    for column, value in filters.items():
+        setattr(hook, column, value)
+    if "secret" in data:
+        _set_secret(hook, data["secret"])
+    session.flush()
+    if data.get("active") is False:
+        pause(hook.id)
+    elif data.get("active") is True:
+        resume(hook.id)
+    session.commit()
+    session.refresh(hook)
+    return _dictize(hook)
+
+
+def _without_csrf(data_dict: dict[str, Any]) -> dict[str, Any]:
+    field = toolkit.config.get("WTF_CSRF_FIELD_NAME") or "_csrf_token"
+    return {key: value for key, value in data_dict.items() if key != field}
+
+
+def _chosen_topics(data: dict[str, Any]) -> list[str]:
+    chosen: list[str] = []
+    for topic in (data.get("topic") or []) + (data.get("topics") or []):
+        if topic not in chosen:
+            chosen.append(topic)
+    return chosen
+
+
+def _lock_address(address: str) -> None:
+    """Serialise creations and changes of hooks of one address until commit,
+    so two overlapping subscriptions cannot both pass the check."""
+    model.Session.execute(sa.text("SELECT pg_advisory_xact_lock(hashtext(:a))"),
+                          {"a": "ckanext-webhooks:" + address})
+
+
+def _refuse_overlap(address: str, filters: dict, chosen: list[str],
+                    except_id: Optional[str] = None) -> None:
+    """The same address with the same filters and a topic in common is the
+    same subscription twice: refused, without saying which hook has it."""
+    rows = model.Session.query(Webhook.id, Webhook.topics).filter_by(
+        address=address, **filters)
+    if any(row.id != except_id and topics.overlap(chosen, row.topics) for row in rows):
+        raise toolkit.ValidationError({"address": [DUPLICATE]})
+
+
+def _check_site_limit(site: str) -> None:
+    """At most ``max_hooks_per_host`` hooks per registrable domain (or IP)."""
+    per_site = settings.max_hooks_per_host()
+    if model.Session.query(Webhook.id).filter_by(site=site).limit(per_site).count() \
+            >= per_site:
+        raise toolkit.ValidationError({"address": [
+            f"This portal allows at most {per_site} webhooks per receiver site "
+            "(domain or IP address)"]})
+
+
+def _verify(address: str, chosen: list[str]) -> None:
+    if verification.enabled():
+        try:
+            verification.verify(address, chosen)
+        except (verification.Failed, guard.Refused) as failure:
+            raise toolkit.ValidationError({"address": [str(failure)]})
+
+
+def _set_secret(hook: Webhook, secret: Optional[str]) -> None:
+    """A new secret keeps the old one signing beside it for the rotation
+    window; no secret (dropped) signs nothing from now on."""
+    if secret is None:
+        hook.secret = hook.previous_secret = hook.previous_secret_until = None
+        return
+    if hook.secret and secret == crypto.unseal(hook.secret):
+        return
+    if hook.secret:
+        hook.previous_secret = hook.secret
+        hook.previous_secret_until = utcnow() + dt.timedelta(
+            hours=settings.secret_rotation_hours())
+    hook.secret = crypto.seal(secret)
 
 
 def _bound_reader(context) -> tuple[Optional[str], Optional[str]]:
@@ -196,8 +336,15 @@ def webhook_show(context, data_dict):
     :param id: the webhook's id, as returned by ``webhook_create``
     :type id: string
 
-    :returns: the webhook: ``id``, ``topic``, ``address``, ``created``,
+    :returns: the webhook: ``id``, ``topics`` (and ``topic`` when there is
+        exactly one), ``address``, ``created``,
         ``signed`` (whether deliveries are signed; the secret is never shown),
+        ``previous_secret_until`` (during a rotation: until when the old
+        secret signs too, else null), ``active`` (false: paused), ``state``
+        (``healthy``, ``failing`` or ``paused``), ``paused`` (null, or ``at``,
+        ``by`` (``owner`` or ``rule``) and ``reason``: a hook paused by a
+        rule is deleted ``ckanext.webhooks.pause_grace_days`` after ``at``
+        unless resumed),
         ``reader`` (the name of the user whose view of the portal the hook
         gets, or null: anonymous, public data only),
         ``filters`` (``dataset``, ``organization``, ``group`` ids or null)
@@ -344,12 +491,21 @@ def webhook_ping(context, data_dict):
     hook = _get(data["id"])
     event_id = ids.new_event_id()
     envelope = payload.event_envelope(
-        _Ping(event_id), json.dumps({"id": hook.id, "topic": hook.topic}))
+        _Ping(event_id), json.dumps({"id": hook.id, "topics": list(hook.topics),
+                                         **({"topic": hook.topics[0]}
+                                            if len(hook.topics) == 1 else {})}))
     body = payload.body_for(envelope, hook.id)
     # The sender resolves and checks the address (refused_address, or a
     # dns_error when the name does not resolve now) and signs right before sending.
-    outcome = web_sender().post(Request(hook.address, body.encode("utf-8"), event_id,
-                                        signing.secrets_of(hook.secret)))
+    try:
+        secrets = _signing_secrets(hook)
+    except crypto.SecretUnreadable:  # never sent unsigned: the portal's keys are wrong
+        log.error("webhook %s: its secret cannot be decrypted with the configured keys",
+                  ids.fingerprint(hook.id))
+        outcome = Outcome(None, "internal_error", 0.0, sent=False)
+    else:
+        outcome = web_sender().post(Request(hook.address, body.encode("utf-8"), event_id,
+                                            secrets))
     log_attempts([attempt_row(hook.id, event_id, "ping", 1, outcome)])
     model.Session.commit()
     return {"event_id": event_id, "ok": outcome.ok, "status": outcome.status,
@@ -374,6 +530,49 @@ def webhook_redeliver(context, data_dict):
     if not was_sent or event is None:
         raise toolkit.ObjectNotFound("No such past delivery for this webhook")
     requeue([(hook.id, event.id)])
+
+
+def _signing_secrets(hook: Webhook) -> tuple[str, ...]:
+    """The new secret, and during a rotation the old one too."""
+    rotating = hook.previous_secret_until is not None and hook.previous_secret_until > utcnow()
+    return tuple(crypto.unseal(s) for s in (hook.secret, hook.previous_secret if rotating
+                                            else None) if s)
+
+
+def webhook_recover(context, data_dict):
+    """Send the webhook again every event it would have received in a window:
+    its topics, its filters and its reader's view as judged now, with the
+    original event ids (``webhook-id``), queued oldest first. Events that
+    happened while it was paused or failing are included. Limited like
+    ``webhook_ping``. Queued now; the delivery log shows them.
+
+    :param id: the webhook's id
+    :type id: string
+    :param since: ISO 8601 time (UTC unless it says otherwise); at most
+        ``ckanext.webhooks.event_retention_days`` ago
+    :type since: string
+    :param until: ISO 8601 time (optional, default now)
+    :type until: string
+
+    :returns: ``queued``: how many deliveries were queued
+    :rtype: dictionary
+    """
+    toolkit.check_access("webhook_recover", context, data_dict)
+    data = _validate(data_dict, schema.webhook_recover_schema(), context)
+    hook = _get(data["id"])
+    since, until = _aware(data["since"]), _aware(data.get("until") or utcnow())
+    days = settings.event_retention_days()
+    if since < utcnow() - dt.timedelta(days=days):
+        raise toolkit.ValidationError({"since": [
+            toolkit._("Events are kept for %g days: ask from %s on")
+            % (days, (utcnow() - dt.timedelta(days=days)).isoformat(timespec="seconds"))]})
+    if until < since:
+        raise toolkit.ValidationError({"until": [toolkit._("Must not be before since")]})
+    return {"queued": recover(hook.id, since, until)}
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
 
 
 class _Ping:

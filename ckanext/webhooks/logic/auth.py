@@ -15,7 +15,8 @@ from ckan.plugins import toolkit
 
 from .. import settings
 
-__all__ = ["webhook_create", "webhook_show", "webhook_delete", "webhook_deliveries",
+__all__ = ["webhook_create", "webhook_show", "webhook_update", "webhook_delete",
+           "webhook_deliveries", "webhook_recover",
            "webhook_ping", "webhook_redeliver", "webhook_list", "webhook_activity",
            "webhook_redeliver_failed"]
 
@@ -102,6 +103,8 @@ def _capability(name: str):
 
 webhook_show = _capability("webhook_show")
 webhook_delete = _capability("webhook_delete")
+webhook_update = _capability("webhook_update")
+webhook_recover = _capability("webhook_recover")
 webhook_deliveries = _capability("webhook_deliveries")
 webhook_ping = _capability("webhook_ping")
 webhook_redeliver = _capability("webhook_redeliver")

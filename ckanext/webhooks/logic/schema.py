@@ -6,16 +6,37 @@ from ckan.plugins.toolkit import validator_args
 
 @validator_args
 def webhook_create_schema(not_missing, not_empty, ignore_missing, webhooks_string,
-                          webhooks_topic, webhooks_address, webhooks_secret,
+                          webhooks_topic, webhooks_topics, webhooks_address, webhooks_secret,
                           webhooks_dataset_filter, webhooks_organization_filter,
                           webhooks_group_filter):
+    # ``topic`` (one string, the original API) or ``topics`` (a list), or both.
     return {
-        "topic": [not_missing, webhooks_string, not_empty, webhooks_topic],
+        "topic": [ignore_missing, webhooks_string, not_empty, webhooks_topics],
+        "topics": [ignore_missing, webhooks_topics],
         "address": [not_missing, webhooks_string, not_empty, webhooks_address],
         "secret": [ignore_missing, webhooks_string, webhooks_secret],
         "dataset": [ignore_missing, webhooks_string, webhooks_dataset_filter],
         "organization": [ignore_missing, webhooks_string, webhooks_organization_filter],
         "group": [ignore_missing, webhooks_string, webhooks_group_filter],
+    }
+
+
+@validator_args
+def webhook_update_schema(not_missing, not_empty, ignore_missing, webhooks_string,
+                          webhooks_id, webhooks_topics, webhooks_address, webhooks_secret,
+                          webhooks_dataset_filter, webhooks_organization_filter,
+                          webhooks_group_filter, webhooks_boolean):
+    # Only what is given changes; an empty filter or secret removes it.
+    return {
+        "id": [not_missing, webhooks_string, not_empty, webhooks_id],
+        "topic": [ignore_missing, webhooks_string, not_empty, webhooks_topics],
+        "topics": [ignore_missing, webhooks_topics],
+        "address": [ignore_missing, webhooks_string, not_empty, webhooks_address],
+        "secret": [ignore_missing, webhooks_string, webhooks_secret],
+        "dataset": [ignore_missing, webhooks_string, webhooks_dataset_filter],
+        "organization": [ignore_missing, webhooks_string, webhooks_organization_filter],
+        "group": [ignore_missing, webhooks_string, webhooks_group_filter],
+        "active": [ignore_missing, webhooks_boolean],
     }
 
 
@@ -50,6 +71,16 @@ def webhook_redeliver_failed_schema(not_missing, not_empty, ignore_missing,
     return {
         "since": [not_missing, webhooks_string, not_empty, isodate],
         "id": [ignore_missing, webhooks_string, webhooks_id],
+    }
+
+
+@validator_args
+def webhook_recover_schema(not_missing, not_empty, ignore_missing, webhooks_string,
+                           webhooks_id, isodate):
+    return {
+        "id": [not_missing, webhooks_string, not_empty, webhooks_id],
+        "since": [not_missing, webhooks_string, not_empty, isodate],
+        "until": [ignore_missing, webhooks_string, isodate],
     }
 
 

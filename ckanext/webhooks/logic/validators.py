@@ -8,7 +8,7 @@ from typing import Any
 from ckan.plugins import toolkit
 
 from .. import guard
-from ..topics import all_topics
+from ..topics import all_topics, valid_patterns
 
 Invalid = toolkit.Invalid
 MAX_TOPIC_LENGTH = 100
@@ -36,6 +36,28 @@ def webhooks_topic(value: Any) -> Any:
     return value
 
 
+MAX_TOPICS = 50
+
+
+def webhooks_topics(value: Any) -> Any:
+    """A list of topics and wildcards (``dataset/*``, ``resource/*``, ``*``);
+    one string is a list of one. Duplicates are dropped, the order kept."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise Invalid(toolkit._("Must be a non-empty list of topics"))
+    if len(value) > MAX_TOPICS:
+        raise Invalid(toolkit._("At most %d topics") % MAX_TOPICS)
+    known = valid_patterns()
+    chosen: list[str] = []
+    for topic in value:
+        if not isinstance(topic, str) or len(topic) > MAX_TOPIC_LENGTH or topic not in known:
+            raise Invalid(toolkit._("Unknown topic. Choose among: %s") % ", ".join(known))
+        if topic not in chosen:
+            chosen.append(topic)
+    return chosen
+
+
 def webhooks_address(value: Any) -> Any:
     """An absolute http(s) URL whose host the portal may contact; normalised."""
     try:
@@ -46,7 +68,8 @@ def webhooks_address(value: Any) -> Any:
 
 
 def webhooks_secret(value: Any) -> Any:
-    """Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes."""
+    """Standard Webhooks secret: ``whsec_`` + base64 of 24 to 64 random bytes;
+    empty: none (on update: drop the secret)."""
     if value in (None, "", toolkit.missing):
         return None
     error = Invalid(toolkit._(
@@ -60,6 +83,20 @@ def webhooks_secret(value: Any) -> Any:
     if not 24 <= len(key) <= 64:
         raise error
     return value
+
+
+def webhooks_boolean(value: Any) -> Any:
+    """true or false (also "true"/"false", "1"/"0", "yes"/"no"); anything else
+    is an error, never taken as false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise Invalid(toolkit._("Must be true or false"))
 
 
 def webhooks_id(value: Any) -> Any:

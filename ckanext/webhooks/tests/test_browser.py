@@ -7,6 +7,8 @@ test-artifacts/screenshots/.
 """
 from __future__ import annotations
 
+import base64
+import os
 import shutil
 import time
 import uuid
@@ -17,6 +19,7 @@ import ckanapi
 import pytest
 
 from ckan.tests import factories
+from standardwebhooks.webhooks import Webhook as Verifier
 
 from . import processes
 
@@ -228,3 +231,75 @@ def test_dashboard_is_forbidden_to_others(visit, live_ckan):
     assert response.status == 403
     assert "Only sysadmins" in page.inner_text("#content")
     _shot(page, "12-dashboard-403")
+
+
+@pytest.mark.usefixtures("worker")
+def test_manage_a_hook_without_javascript(visit, live_ckan, receiver, dataset):
+    """Edit, pause, resume, rotate the secret and recover, on the hook's page
+    with JavaScript off; the dashboard shows the paused hook as a state of its
+    own and its table fits its panel at 1280 px."""
+    admin, ds = dataset
+    anon = ckanapi.RemoteCKAN(live_ckan)
+    old = "whsec_" + base64.b64encode(os.urandom(32)).decode()
+    hook = anon.action.webhook_create(topic="dataset/update", address=receiver.url("/mine"),
+                                      dataset=ds["id"], secret=old)
+    anon.action.webhook_create(topic="dataset/update", address=receiver.url("/witness"))
+    page = visit(javascript=False)
+    page.goto(f"{live_ckan}/webhooks/{hook}")
+    link = page.locator("#webhook-filter-dataset a")
+    assert link.inner_text() == "Air quality, hourly"
+    assert link.get_attribute("href") == f"/dataset/{ds['name']}"
+    _shot(page, "13-hook-page-manage")
+
+    page.click("#webhook-edit")
+    page.check("input[name=topic][value='dataset/delete']")
+    page.click("button[name=save]")
+    assert "Webhook changed" in page.inner_text(".flash-messages")
+    assert anon.action.webhook_show(id=hook)["topics"] == ["dataset/update", "dataset/delete"]
+    _shot(page, "14-hook-edited")
+
+    started = admin.action.webhook_show(id=hook)["created"]
+    page.click("#webhook-pause button")
+    assert "Webhook paused" in page.inner_text(".flash-messages")
+    assert page.inner_text("#webhook-state").startswith("Paused")
+    admin.action.package_patch(id=ds["id"], notes="While paused")
+    [missed] = receiver.wait_count("/witness", 1)
+    # The witness got the event; the paused hook's log holds no attempt of it.
+    assert anon.action.webhook_deliveries(id=hook) == []
+    _shot(page, "15-hook-paused")
+
+    sysadmin = factories.Sysadmin(password=PASSWORD, image_url="")
+    dashboard = visit()
+    _log_in(dashboard, live_ckan, sysadmin)
+    dashboard.goto(f"{live_ckan}/ckan-admin/webhooks?state=paused")
+    [row] = dashboard.query_selector_all("tr.webhook-row")
+    assert "Paused" in row.inner_text() and "/mine" in row.inner_text()
+    fits = dashboard.evaluate("""() => {
+        const wrapper = document.querySelector('#webhooks-table-wrapper');
+        const column = wrapper.closest('.primary, .col-md-9, main') || wrapper.parentElement;
+        const actions = document.querySelector('#webhooks-table th:last-child');
+        return {wrapper: wrapper.getBoundingClientRect().right,
+                column: column.getBoundingClientRect().right,
+                actions: actions.getBoundingClientRect().right,
+                scrolls: wrapper.scrollWidth > wrapper.clientWidth};
+    }""")
+    assert fits["wrapper"] <= fits["column"] + 1
+    assert fits["actions"] <= fits["wrapper"] + 1 or fits["scrolls"], fits
+    _shot(dashboard, "16-dashboard-paused")
+
+    page.click("#webhook-resume button")
+    assert "Webhook resumed" in page.inner_text(".flash-messages")
+    new = page.input_value("#field-new-secret")
+    page.click("#webhook-secret button[name=rotate]")
+    assert "the old one also signs until" in page.inner_text(".flash-messages")
+    _shot(page, "17-secret-rotated")
+
+    page.fill("#field-since", started[:16])
+    page.click("#webhook-recover button[type=submit]")
+    assert "1 past events queued" in page.inner_text(".flash-messages")
+    [recovered] = receiver.wait_count("/mine", 1)
+    assert recovered.headers["webhook-id"] == missed.headers["webhook-id"]
+    assert recovered.json["data"]["notes"] == "While paused"
+    for secret in (old, new):  # both sign during the rotation window
+        Verifier(secret).verify(recovered.body, recovered.headers)
+    _shot(page, "18-recovered")

@@ -42,8 +42,8 @@ def _add_hooks(receiver: Receiver, count: int, prefix: str, topic: str = "datase
     ids = [f"chaos-{uuid.uuid4().hex}{uuid.uuid4().hex}" for _ in range(count)]
     with model.meta.engine.begin() as conn:
         conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created)
-            SELECT id, :topic, :base || n, :host, now()
+            INSERT INTO webhooks (id, topics, address, host, site, created)
+            SELECT id, ARRAY[:topic], :base || n, :host, :host, now()
               FROM unnest(CAST(:ids AS text[])) WITH ORDINALITY AS t(id, n)
         """), {"ids": ids, "topic": topic, "base": receiver.url(f"{prefix}/"),
                "host": receiver.host})
@@ -172,7 +172,8 @@ def _pg_cluster() -> list[str]:
 
 def test_receiver_down_for_a_long_outage(private_stack, dataset):
     """Retries carry deliveries over an outage; a receiver that stays down
-    past the stale window has its hook pruned; others are not affected."""
+    past the stale window has its hook paused, then deleted when the grace
+    period runs out; others are not affected."""
     comes_back = Receiver().start()
     stays_down = Receiver().start()
     healthy = Receiver(host="127.0.0.3").start()
@@ -180,6 +181,7 @@ def test_receiver_down_for_a_long_outage(private_stack, dataset):
     _, ini, worker = private_stack({
         **FAST, **_queue(), "ckanext.webhooks.retry_schedule": "0 1 1 2 2 2 2 2 2 2",
         "ckanext.webhooks.stale_after_days": str(10 / 86400),  # ten seconds
+        "ckanext.webhooks.pause_grace_days": str(5 / 86400),  # five seconds
         "ckanext.webhooks.prune_interval": "1"}, web=False)
     [back_hook] = _add_hooks(comes_back, 1, "/back")
     [dead_hook] = _add_hooks(stays_down, 1, "/dead")
@@ -195,14 +197,21 @@ def test_receiver_down_for_a_long_outage(private_stack, dataset):
         received = comes_back.wait_count("/back/1", 3, timeout=30)
         assert len({r.json["event_id"] for r in received}) == 3
         deadline = time.time() + 30
+        while (hook := model.Session.get(model_webhook(), dead_hook)).active:
+            assert time.time() < deadline, "the dead receiver's hook was not paused"
+            time.sleep(0.2)
+            model.Session.remove()
+        assert hook.pause_reason.startswith("only failures")
+        model.Session.remove()
         while model.Session.get(model_webhook(), dead_hook) is not None:
-            assert time.time() < deadline, "the dead receiver's hook was not pruned"
+            assert time.time() < deadline, "the paused hook was not deleted after its grace"
             time.sleep(0.5)
             model.Session.remove()
-        assert model.Session.get(model_webhook(), back_hook) is not None
-        assert model.Session.get(model_webhook(), healthy_hook) is not None
+        assert model.Session.get(model_webhook(), back_hook).active
+        assert model.Session.get(model_webhook(), healthy_hook).active
         assert len(healthy.on("/ok/1")) == 3
         assert "only failures" in worker.output()
+        assert "not resumed" in worker.output()
     finally:
         comes_back.stop()
         healthy.stop()
@@ -275,8 +284,9 @@ def test_hostile_receivers_do_not_stall_healthy_ones(private_stack, dataset):
                 hook_id = f"hostile-{name}-{uuid.uuid4().hex}{uuid.uuid4().hex}"
                 hostile_ids.append(hook_id)
                 conn.execute(sa.text("""
-                    INSERT INTO webhooks (id, topic, address, host, created)
-                    VALUES (:id, 'dataset/update', :address, '127.0.0.3', now())
+                    INSERT INTO webhooks (id, topics, address, host, site, created)
+                    VALUES (:id, ARRAY['dataset/update'], :address, '127.0.0.3', '127.0.0.3',
+                            now())
                 """), {"id": hook_id,
                        "address": f"http://127.0.0.3:{sock.getsockname()[1]}/{name}"})
         _add_hooks(healthy, 50, "/healthy")
@@ -347,7 +357,8 @@ def test_soak(private_stack, dataset, organization):
         print(f"\nsoak: {seconds:.0f}s at {rate}/s to {hook_count} hooks: events sent {sent}, "
               f"deliveries expected {expected}, received {received} "
               f"({received - len(answered_ok)} answered 503 and retried), "
-              f"acknowledged {len(acknowledged)}, duplicates {len(answered_ok) - len(acknowledged)}, "
+              f"acknowledged {len(acknowledged)}, "
+              f"duplicates {len(answered_ok) - len(acknowledged)}, "
               f"lost {expected - len(acknowledged)}; worker RSS MB "
               f"{rss[0] / 2**20:.0f} -> {max(rss) / 2**20:.0f} -> {rss[-1] / 2**20:.0f}")
         assert len(acknowledged) == expected

@@ -52,6 +52,45 @@ def test_db_upgrade_and_downgrade_in_a_database_of_its_own():
         ini.unlink()
 
 
+def test_upgrade_gives_topics_and_encrypts_secrets_and_downgrade_restores_them():
+    """From migration 05 (one topic, secrets in clear) to the head: the topic
+    becomes ``topics``, every secret is encrypted (with the key derived from
+    the ini's SECRET_KEY, as this process has it); a downgrade to 06 brings
+    the secrets back in clear, and to 05 the topic."""
+    from ckanext.webhooks import crypto
+    ini = processes.write_ini({"sqlalchemy.url": MIGRATIONS_DB})
+    engine = sa.create_engine(MIGRATIONS_DB)
+    secret, hook_id = "whsec_" + "QUJD" * 8, f"mig-{uuid.uuid4().hex}"
+    try:
+        _ckan(ini, "db", "init")
+        _ckan(ini, "db", "downgrade", "-p", "webhooks")
+        _ckan(ini, "db", "upgrade", "-p", "webhooks", "-v", "5e2f8b0d3c71")
+        with engine.begin() as conn:
+            conn.execute(sa.text("""
+                INSERT INTO webhooks (id, topic, address, host, secret, created)
+                VALUES (:id, 'dataset/update', 'http://127.0.0.2/m', '127.0.0.2', :s, now())
+            """), {"id": hook_id, "s": secret})
+        _ckan(ini, "db", "upgrade", "-p", "webhooks")
+        with engine.connect() as conn:
+            topics, stored = conn.execute(sa.text(
+                "SELECT topics, secret FROM webhooks WHERE id = :id"), {"id": hook_id}).one()
+        assert topics == ["dataset/update"]
+        assert stored != secret and "whsec_" not in stored
+        assert crypto.unseal(stored) == secret
+        _ckan(ini, "db", "downgrade", "-p", "webhooks", "-v", "8a3c5e7f1b92")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT secret FROM webhooks WHERE id = :id"),
+                                {"id": hook_id}).scalar() == secret
+        _ckan(ini, "db", "downgrade", "-p", "webhooks", "-v", "5e2f8b0d3c71")
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT topic FROM webhooks WHERE id = :id"),
+                                {"id": hook_id}).scalar() == "dataset/update"
+        _ckan(ini, "db", "upgrade", "-p", "webhooks")
+    finally:
+        engine.dispose()
+        ini.unlink()
+
+
 def test_the_ckan_command_finds_the_webhooks_group():
     """The real ``ckan`` entry point lists every command (each one's own help
     is checked in-process by test_cli_commands)."""
@@ -59,8 +98,13 @@ def test_the_ckan_command_finds_the_webhooks_group():
     assert "Usage:" in result.stdout
     listed = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines()
               if line.strip()}
-    assert listed == {"worker", "list", "show", "delete", "ping", "prune", "stats",
-                      "redeliver", "export", "import"}
+    assert listed == {"worker", "list", "show", "update", "pause", "resume", "recover", "delete",
+                      "ping",
+                      "prune", "stats", "redeliver", "export", "import", "new-key",
+                      "rotate-key"}
+    version = _ckan(processes.TEST_INI, "webhooks", "--version").stdout
+    from ckanext.webhooks import __version__
+    assert version.strip() == f"ckanext-webhooks, version {__version__}"
 
 
 def test_ckanapi_command_line_against_a_live_ckan(live_ckan, receiver):
@@ -88,12 +132,13 @@ def test_ckanapi_command_line_against_a_live_ckan(live_ckan, receiver):
 def test_prune_command_reports_what_it_removed(webhooks_tables):
     result = _ckan(processes.TEST_INI, "webhooks", "prune")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(report) == {"stale_hooks", "old_events", "old_attempts"}
+    assert set(report) == {"paused_stale_hooks", "deleted_paused_hooks", "old_events",
+                           "old_attempts"}
 
 
-def test_stale_hooks_are_pruned_and_reported(webhooks_tables, live_ckan):
-    """A hook answering nothing but failures for stale_after_days is deleted by
-    the pruning task (run here through the CLI); healthy hooks stay."""
+def test_stale_hooks_are_paused_and_reported(webhooks_tables, live_ckan):
+    """A hook answering nothing but failures for stale_after_days is paused by
+    the pruning task (run here through the CLI); healthy hooks stay active."""
     from ckan import model
     client = ckanapi.RemoteCKAN(live_ckan)
     stale, fresh, healthy = (f"hook-{uuid.uuid4().hex}" for _ in range(3))
@@ -101,16 +146,16 @@ def test_stale_hooks_are_pruned_and_reported(webhooks_tables, live_ckan):
         for hook_id, failing in ((stale, "now() - interval '6 days'"),
                                  (fresh, "now() - interval '1 day'"), (healthy, "NULL")):
             conn.execute(sa.text(f"""
-                INSERT INTO webhooks (id, topic, address, host, created, failing_since)
-                VALUES (:id, 'dataset/create', :address, '127.0.0.2', now(), {failing})
+                INSERT INTO webhooks (id, topics, address, host, site, created, failing_since)
+                VALUES (:id, ARRAY['dataset/create'], :address, '127.0.0.2', '127.0.0.2', now(),
+                        {failing})
             """), {"id": hook_id, "address": f"http://127.0.0.2/{hook_id}"})
     result = _ckan(processes.TEST_INI, "webhooks", "prune")
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["stale_hooks"] >= 1
-    with pytest.raises(ckanapi.NotFound):
-        client.action.webhook_show(id=stale)
-    assert client.action.webhook_show(id=fresh)["id"] == fresh
-    assert client.action.webhook_show(id=healthy)["id"] == healthy
+    assert report["paused_stale_hooks"] >= 1
+    assert client.action.webhook_show(id=stale)["paused"]["by"] == "rule"
+    assert client.action.webhook_show(id=fresh)["active"] is True
+    assert client.action.webhook_show(id=healthy)["active"] is True
     assert stale not in result.stdout + result.stderr  # ids never logged
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from ckanext.webhooks import guard
-from ckanext.webhooks.delivery import Sender
+from ckanext.webhooks.sender import Sender
 
 from .receiver import SilentHosts
 
@@ -328,7 +328,7 @@ def test_signature_is_made_when_the_request_is_sent(server):
     import base64
     import os
     from standardwebhooks.webhooks import Webhook
-    from ckanext.webhooks.delivery import Request
+    from ckanext.webhooks.sender import Request
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     srv, seen = _recording_server(server, hold_first=3.0)
     sender = Sender(total_timeout=10, per_host=1, slow_lane_per_host=1)
@@ -379,7 +379,7 @@ def test_a_request_that_cannot_be_signed_or_built_fails_alone(server):
     request's outcome; the others of the batch are sent."""
     import base64
     import os
-    from ckanext.webhooks.delivery import Request
+    from ckanext.webhooks.sender import Request
     srv, seen = _recording_server(server)
     target = guard.resolve(srv.url(), ALLOWED)
     good = "whsec_" + base64.b64encode(os.urandom(32)).decode()
@@ -400,7 +400,7 @@ def test_slow_receivers_do_not_delay_healthy_ones(known):
     on the wire. ``proven``: the receiver answered promptly before; ``hinted``:
     the sender has just started and knows nothing, but the caller says the
     silent ones timed out last time (the hook's statistics)."""
-    from ckanext.webhooks.delivery import Request
+    from ckanext.webhooks.sender import Request
     hosts = SilentHosts(50)
     answered = []
 

@@ -125,22 +125,29 @@ class TestDelivery:
         assert stats["deliveries"] == 3 and stats["successes"] == 1
         assert stats["consecutive_failures"] == 0 and stats["pending_deliveries"] == 0
 
-    def test_404_five_times_prunes_the_hook(self, anon, admin, receiver, organization):
+    def test_404_five_times_pauses_the_hook(self, anon, admin, receiver, organization):
         receiver.scripts["/missing"] = [404]
         hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/missing"))
         other = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/fine"))
         for n in range(4):
             admin.action.package_create(name=_name(), owner_org=organization["id"])
         receiver.wait_count("/missing", 4)
-        time.sleep(0.5)
+        _wait_until(lambda: anon.action.webhook_show(id=hook)["statistics"]["deliveries"] == 4)
         stats = anon.action.webhook_show(id=hook)["statistics"]
         assert stats["consecutive_4xx"] == 4
         admin.action.package_create(name=_name(), owner_org=organization["id"])
         receiver.wait_count("/missing", 5)
-        _wait_gone(anon, hook)
-        time.sleep(1)
+        _wait_until(lambda: anon.action.webhook_show(id=hook)["state"] == "paused")
+        shown = anon.action.webhook_show(id=hook)
+        assert shown["active"] is False and shown["paused"]["by"] == "rule"
+        assert "4xx 5 times" in shown["paused"]["reason"]
+        # Paused: the next event reaches the other hook, and nothing is
+        # queued or attempted for this one (its log still holds 5 attempts).
+        admin.action.package_create(name=_name(), owner_org=organization["id"])
+        _wait_until(lambda: anon.action.webhook_show(id=other)["statistics"]["successes"] == 6)
+        assert len(anon.action.webhook_deliveries(id=hook)) == 5
+        assert anon.action.webhook_show(id=hook)["statistics"]["pending_deliveries"] == 0
         assert len(receiver.on("/missing")) == 5  # 4xx are not retried
-        assert anon.action.webhook_show(id=other)["statistics"]["successes"] == 5
 
     def test_410_prunes_the_hook_at_once(self, anon, admin, receiver, organization):
         receiver.scripts["/gone"] = [410]
@@ -165,6 +172,13 @@ class TestDelivery:
         [received] = receiver.wait_count("/pub", 1)
         time.sleep(1.5)
         assert [r.json["data"]["id"] for r in receiver.on("/pub")] == [public["id"]]
+
+
+def _wait_until(condition, timeout: float = 15.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not met"
+        time.sleep(0.1)
 
 
 def _wait_gone(client, hook: str, timeout: float = 15.0) -> None:
@@ -228,7 +242,8 @@ def test_broker_down_while_writing_loses_nothing(webhooks_tables, only_my_worker
                                                        owner_org=organization["id"])["id"])
             assert time.monotonic() - started < 5, "a write waited for the broker"
         time.sleep(2)
-        assert len(receiver.on("/bd")) == 1, [(r.at, r.json["event_id"], r.json["data"]["name"]) for r in receiver.on("/bd")]
+        assert len(receiver.on("/bd")) == 1, [(r.at, r.json["event_id"], r.json["data"]["name"])
+                                              for r in receiver.on("/bd")]
 
         broker = processes.start_redis(redis_port)
         receiver.wait_count("/bd", 6, timeout=60)

@@ -15,8 +15,8 @@ from ckanext.webhooks.model import Webhook, WebhookEvent, utcnow
 
 
 def _hook(topic: str) -> str:
-    hook = Webhook(id=ids.new_hook_id(), topic=topic, address="http://127.0.0.2:9/x",
-                   host="127.0.0.2", created=utcnow())
+    hook = Webhook(id=ids.new_hook_id(), topics=[topic], address="http://127.0.0.2:9999/x",
+                   host="127.0.0.2", site="127.0.0.2", created=utcnow())
     model.Session.add(hook)
     model.Session.commit()
     return hook.id

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from ckan import model
 from ckan.tests import factories
 
-ADDRESS = "http://127.0.0.2:9/cb"
+ADDRESS = "http://127.0.0.2:9999/cb"
 
 
 def _api(app, action, data, status=None, token=None):

@@ -78,9 +78,9 @@ def test_one_lookup_per_attempt_and_any_bad_answer_refuses(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     with pytest.raises(guard.Refused):
         guard.resolve("http://rebind.example.net/", ALLOW_TEST_RECEIVER)
-    target = guard.resolve("http://receiver.example.net:9/", ALLOW_TEST_RECEIVER)
+    target = guard.resolve("http://receiver.example.net:9999/", ALLOW_TEST_RECEIVER)
     assert target.addresses == (ipaddress.ip_address("127.0.0.2"),)
-    assert target.host_header == "receiver.example.net:9"
+    assert target.host_header == "receiver.example.net:9999"
     assert calls == ["rebind.example.net", "receiver.example.net"]
 
 

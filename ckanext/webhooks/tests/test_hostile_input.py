@@ -13,7 +13,7 @@ from ckanext.webhooks.model import Webhook
 
 from .test_guard import REFUSED
 
-OK_ADDRESS = "http://127.0.0.2:9/cb"
+OK_ADDRESS = "http://127.0.0.2:9999/cb"
 
 HOSTILE = [
     # NUL, which PostgreSQL text cannot hold, in every string field

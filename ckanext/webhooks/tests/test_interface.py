@@ -21,11 +21,18 @@ def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiv
     anon.action.webhook_create(topic="organization/update", address=receiver.url("/org"))
     anon.action.webhook_create(topic="organization/update", address=receiver.url("/vetoed"))
     anon.action.webhook_create(topic="dataset/create", address=receiver.url("/ds"))
+    # Wildcards cover a plugin's topics too.
+    anon.action.webhook_create(topic="*", address=receiver.url("/all"))
+    anon.action.webhook_create(topics=["organization/*"], address=receiver.url("/orgs"))
     admin.action.organization_patch(id=organization["id"], title="Renamed organization")
     dataset = admin.action.package_create(name=f"ds-{uuid.uuid4().hex[:8]}",
                                           owner_org=organization["id"])
     [org_event] = receiver.wait_count("/org", 1)
     [ds_event] = receiver.wait_count("/ds", 1)
+    receiver.wait_for(lambda rs: {r.json["topic"] for r in rs if r.path == "/all"}
+                      >= {"organization/update", "dataset/create"})
+    [org_star] = receiver.wait_count("/orgs", 1)
+    assert org_star.json["topic"] == "organization/update"
     time.sleep(1)
     body = org_event.json
     jsonschema.validate(body, SCHEMA)

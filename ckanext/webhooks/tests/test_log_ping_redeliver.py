@@ -86,8 +86,8 @@ def test_ping_of_a_refused_address_contacts_nothing(live_ckan, receiver):
     hook_id = f"hook-{uuid.uuid4().hex}{uuid.uuid4().hex}"
     with model.meta.engine.begin() as conn:
         conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created)
-            VALUES (:id, 'dataset/create', :address, '127.0.0.1', now())
+            INSERT INTO webhooks (id, topics, address, host, site, created)
+            VALUES (:id, ARRAY['dataset/create'], :address, '127.0.0.1', '127.0.0.1', now())
         """), {"id": hook_id, "address": loopback.url("/x")})
     try:
         result = ckanapi.RemoteCKAN(live_ckan).action.webhook_ping(id=hook_id)
@@ -104,7 +104,8 @@ def test_old_attempts_are_pruned(live_ckan, receiver):
     anon.action.webhook_ping(id=hook)
     with model.meta.engine.begin() as conn:
         conn.execute(sa.text("UPDATE webhooks_attempt SET at = now() - interval '31 days' "
-                             "WHERE id = (SELECT min(id) FROM webhooks_attempt WHERE hook_id = :h)"),
+                             "WHERE id = (SELECT min(id) FROM webhooks_attempt "
+                             "WHERE hook_id = :h)"),
                      {"h": hook})
     import json
     import subprocess

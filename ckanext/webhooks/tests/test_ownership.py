@@ -212,9 +212,10 @@ def _claimed(hooks: list[str], tokens: dict[str, str], count: int = 0) -> None:
     event's token in ``tokens`` and due in an hour (no worker takes them)."""
     with model.meta.engine.begin() as conn:
         conn.execute(sa.text("""
-            INSERT INTO webhooks (id, topic, address, host, created, delivery_count,
+            INSERT INTO webhooks (id, topics, address, host, site, created, delivery_count,
                                   success_count)
-            SELECT id, 'dataset/update', 'http://127.0.0.2/' || id, '127.0.0.2', now(),
+            SELECT id, ARRAY['dataset/update'], 'http://127.0.0.2/' || id, '127.0.0.2',
+                   '127.0.0.2', now(),
                    :count, :count
               FROM unnest(CAST(:ids AS text[])) AS t(id)"""), {"ids": hooks, "count": count})
         conn.execute(sa.text("""
@@ -234,29 +235,29 @@ def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_p
     """Preparing a batch raises before any delivery of it is decided (here the
     readers' lookup): each of its deliveries is retried on the schedule, not
     counted against its hook, and the drain goes on (nothing is raised)."""
-    from ckanext.webhooks import dispatcher
+    from ckanext.webhooks import delivery_queue, prepare
     from ckanext.webhooks.ids import fingerprint
     hooks = [f"own-{uuid.uuid4().hex}" for _ in range(3)]
     event = f"msg_own{uuid.uuid4().hex}"
     _claimed(hooks, {event: "token-batch"})
-    jobs = [dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
+    jobs = [delivery_queue.Job(event, hook, 1, delivery_queue.HookRow(hook, "", None, None),
                             claim_token="token-batch") for hook in hooks]
 
     # An earlier test may have loaded an ini's logging section (fileConfig
     # disables the loggers it does not name): hear this module's log again.
-    for name in ("ckanext", "ckanext.webhooks", "ckanext.webhooks.dispatcher"):
+    for name in ("ckanext", "ckanext.webhooks", "ckanext.webhooks.prepare"):
         monkeypatch.setattr(logging.getLogger(name), "disabled", False)
         monkeypatch.setattr(logging.getLogger(name), "propagate", True)
-    caplog.set_level(logging.INFO, logger="ckanext.webhooks.dispatcher")
+    caplog.set_level(logging.INFO, logger="ckanext.webhooks.prepare")
 
     def lookup_fails(jobs):
         raise RuntimeError(f"no readers for {jobs[0].hook_id}")
-    monkeypatch.setattr(dispatcher, "_readers_now", lookup_fails)
-    assert dispatcher._prepare_batch(jobs) == []
+    monkeypatch.setattr(prepare, "_readers_now", lookup_fails)
+    assert prepare.prepare_batch(jobs) == []
     assert {job.prepare_error for job in jobs} == {"internal_error"}
     assert "could not prepare event" in caplog.text and "and 2 other(s)" in caplog.text
     assert fingerprint(hooks[0]) in caplog.text and hooks[0] not in caplog.text
-    dispatcher._record(jobs)
+    delivery_queue.record(jobs)
     model.Session.remove()
     with model.meta.engine.connect() as conn:
         rows = conn.execute(sa.text("""
@@ -264,7 +265,7 @@ def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_p
              WHERE event_id = :e"""), {"e": event}).all()
     assert [tuple(row) for row in rows] == [(None, True, "internal_error")] * 3
     assert set(_hooks(hooks).values()) == {(0, 0)}
-    dispatcher._prepare_failed([], RuntimeError("after every delivery was decided"))
+    prepare._prepare_failed([], RuntimeError("after every delivery was decided"))
     assert "could not prepare a batch (no delivery affected)" in caplog.text
 
 
@@ -307,24 +308,25 @@ def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers, wi
     """Eight batches over the same 200 hooks, each in another order, recorded
     by eight threads at once (each its own database connection): all commit,
     with the right counts, and none is left to the deadlock detector."""
-    from ckanext.webhooks import dispatcher
-    from ckanext.webhooks.delivery import Outcome
+    from ckanext.webhooks import delivery_queue
+    from ckanext.webhooks.sender import Outcome
     hooks = [f"own-{uuid.uuid4().hex}" for _ in range(200)]
     events = [f"msg_own{uuid.uuid4().hex}" for _ in range(8)]
     _claimed(hooks, {event: f"token-{event}" for event in events})
     batches = []
     for event in events:
         order = random.sample(hooks, len(hooks))
-        batches.append([dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
-                                        claim_token=f"token-{event}", topic="dataset/update",
-                                        outcome=Outcome(200, None, 0.01))
+        batches.append([delivery_queue.Job(event, hook, 1,
+                                           delivery_queue.HookRow(hook, "", None, None),
+                                           claim_token=f"token-{event}", topic="dataset/update",
+                                           outcome=Outcome(200, None, 0.01))
                         for hook in order])
     start, errors = threading.Barrier(len(batches)), []
 
     def record(batch):
         try:
             start.wait()
-            dispatcher._record(batch)
+            delivery_queue.record(batch)
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
             model.Session.rollback()
@@ -344,13 +346,14 @@ def test_concurrent_records_over_the_same_hooks_in_any_order(only_my_workers, wi
 
 def test_statistics_count_past_two_to_the_31(only_my_workers, with_plugins):
     """delivery_count and success_count are 64-bit."""
-    from ckanext.webhooks import dispatcher
-    from ckanext.webhooks.delivery import Outcome
+    from ckanext.webhooks import delivery_queue
+    from ckanext.webhooks.sender import Outcome
     hook, event = f"own-{uuid.uuid4().hex}", f"msg_own{uuid.uuid4().hex}"
     _claimed([hook], {event: "token-big"}, count=2 ** 31 - 1)
-    dispatcher._record([dispatcher._Job(event, hook, 1, dispatcher._HookRow(hook, "", None, None),
-                                        claim_token="token-big", topic="dataset/update",
-                                        outcome=Outcome(200, None, 0.01))])
+    delivery_queue.record([delivery_queue.Job(event, hook, 1,
+                                              delivery_queue.HookRow(hook, "", None, None),
+                                              claim_token="token-big", topic="dataset/update",
+                                              outcome=Outcome(200, None, 0.01))])
     model.Session.remove()
     assert _hooks([hook]) == {hook: (2 ** 31, 2 ** 31)}
 

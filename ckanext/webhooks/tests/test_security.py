@@ -19,6 +19,7 @@ from ckan.tests import factories, helpers
 from ckanext.webhooks import ids
 from ckanext.webhooks.model import Webhook
 
+from . import dns_standin
 from .receiver import Receiver
 
 
@@ -109,7 +110,8 @@ class TestSecretsAndLimits:
     @pytest.mark.parametrize("secret", [
         "whsec_", "whsec_" + base64.b64encode(os.urandom(23)).decode(),
         "whsec_" + base64.b64encode(os.urandom(65)).decode(), "whsec_not base64!",
-        base64.b64encode(os.urandom(32)).decode(), "WHSEC_" + base64.b64encode(os.urandom(32)).decode(),
+        base64.b64encode(os.urandom(32)).decode(),
+        "WHSEC_" + base64.b64encode(os.urandom(32)).decode(),
         "whsec_" + "A" * 300])
     def test_bad_secrets_are_refused(self, app, receiver, secret):
         body = _api(app, "webhook_create", {"topic": "dataset/create", "secret": secret,
@@ -120,9 +122,7 @@ class TestSecretsAndLimits:
     @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "3")
     @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
     def test_anonymous_creation_is_rate_limited_per_ip(self, app):
-        from ckan.lib.redis import connect_to_redis
-        for key in connect_to_redis().scan_iter("ckanext-webhooks:create:*"):
-            connect_to_redis().delete(key)
+        _clear_rate_limits()
         env = {"REMOTE_ADDR": "127.0.0.9"}
         for n in range(3):
             app.post("/api/3/action/webhook_create", extra_environ=env,
@@ -142,6 +142,56 @@ class TestSecretsAndLimits:
                  json={"topic": "dataset/create", "address": "http://127.0.0.2/6"})
         assert _hooks() == 5
 
+    @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "2")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_an_ipv6_client_is_counted_by_its_64(self, app):
+        _clear_rate_limits()
+        for n, client in enumerate(("2001:db8:1:2::1", "2001:db8:1:2:ffff:1:2:3")):
+            app.post("/api/3/action/webhook_create", extra_environ={"REMOTE_ADDR": client},
+                     json={"topic": "dataset/create", "address": f"http://127.0.0.2/v6/{n}"})
+        # A third address of the same /64 is the same client.
+        app.post("/api/3/action/webhook_create", status=429,
+                 extra_environ={"REMOTE_ADDR": "2001:db8:1:2:abcd::9"},
+                 json={"topic": "dataset/create", "address": "http://127.0.0.2/v6/2"})
+        # The next /64 is another.
+        app.post("/api/3/action/webhook_create", extra_environ={"REMOTE_ADDR": "2001:db8:1:3::1"},
+                 json={"topic": "dataset/create", "address": "http://127.0.0.2/v6/3"})
+        assert _hooks() == 3
+
+    @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "1")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_recover_is_limited_like_ping(self, app):
+        _clear_rate_limits()
+        hook = _api(app, "webhook_create", {"topic": "dataset/create",
+                                            "address": "http://127.0.0.2/r"}).json["result"]
+        env = {"REMOTE_ADDR": "127.0.0.12"}
+        since = "2999-01-01T00:00:00"  # in the future: nothing to send
+        app.post("/api/3/action/webhook_recover", extra_environ=env,
+                 json={"id": hook, "since": since, "until": since})
+        app.post("/api/3/action/webhook_recover", extra_environ=env, status=429,
+                 json={"id": hook, "since": since, "until": since})
+
+    @pytest.mark.ckan_config("ckanext.webhooks.user_create_limit", "2")
+    @pytest.mark.ckan_config("ckanext.webhooks.anonymous_create_limit", "1")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_logged_in_users_have_a_limit_of_their_own(self, app):
+        _clear_rate_limits()
+        tokens = [factories.APIToken(user=factories.User()["name"])["token"]
+                  for _ in range(2)]
+        env = {"REMOTE_ADDR": "127.0.0.11"}
+        for n in range(2):
+            app.post("/api/3/action/webhook_create", extra_environ=env,
+                     headers={"Authorization": tokens[0]},
+                     json={"topic": "dataset/create", "address": f"http://127.0.0.2/u/{n}"})
+        refused = app.post("/api/3/action/webhook_create", extra_environ=env, status=429,
+                           headers={"Authorization": tokens[0]},
+                           json={"topic": "dataset/create", "address": "http://127.0.0.2/u/2"})
+        assert "by you" in refused.json["error"]["message"]
+        app.post("/api/3/action/webhook_create", extra_environ=env,
+                 headers={"Authorization": tokens[1]},
+                 json={"topic": "dataset/create", "address": "http://127.0.0.2/u/3"})
+        assert _hooks() == 3
+
     @pytest.mark.ckan_config("ckanext.webhooks.max_hooks_per_host", "2")
     @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
     def test_hooks_per_receiver_host_are_capped(self, app):
@@ -153,6 +203,76 @@ class TestSecretsAndLimits:
         assert "at most 2" in body["error"]["address"][0]
         _api(app, "webhook_create", {"topic": "dataset/create", "address": "http://127.0.0.3/x"})
         assert _hooks() == 3
+
+    @pytest.mark.ckan_config("ckanext.webhooks.max_hooks_per_host", "2")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_subdomains_share_their_registrable_domains_cap(self, app):
+        """The stand-in resolver answers the names (no query leaves the
+        process); the public suffix list is the package's own copy."""
+        suffix = dns_standin.name("evil")  # e.g. evil-1a2b3c4d.dns-standin
+        names = [f"{label}.{suffix}" for label in ("a", "b", "c")]
+        other = f"other.{dns_standin.name('fine')}"
+        for host in names + [other]:
+            dns_standin.answer(host, "127.0.0.2")
+        for host in names[:2]:
+            _api(app, "webhook_create", {"topic": "dataset/create",
+                                         "address": f"http://{host}:8080/x"})
+        body = _api(app, "webhook_create", {"topic": "dataset/create",
+                                            "address": f"http://{names[2]}:8080/x"},
+                    status=409).json
+        assert "at most 2" in body["error"]["address"][0]
+        _api(app, "webhook_create", {"topic": "dataset/create",
+                                     "address": f"http://{other}:8080/"})
+        assert _hooks() == 3
+
+    @pytest.mark.parametrize("address, refused", [
+        ("http://127.0.0.2:22/x", True), ("http://127.0.0.2:25/x", True),
+        ("https://127.0.0.2:993/x", True), ("http://127.0.0.2:80/x", False),
+        ("https://127.0.0.2:443/x", False), ("http://127.0.0.2:1024/x", False)])
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_well_known_ports_other_than_80_and_443_are_refused(self, app, address, refused):
+        body = _api(app, "webhook_create", {"topic": "dataset/create", "address": address},
+                    status=409 if refused else 200).json
+        if refused:
+            assert "Ports below 1024" in body["error"]["address"][0] and _hooks() == 0
+        else:
+            assert _hooks() == 1
+
+    @pytest.mark.ckan_config("ckanext.webhooks.allowed_ports_below_1024", "80 443 8")
+    @pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
+    def test_the_low_ports_are_configurable(self, app):
+        _api(app, "webhook_create", {"topic": "dataset/create", "address": "http://127.0.0.2:8/"})
+        assert _hooks() == 1
+
+    def test_a_failed_verification_says_the_same_for_closed_silent_and_refusing_ports(
+            self, app, receiver):
+        """A closed port (connection refused), a silent one (accepts, never
+        answers: a timeout) and a receiver answering 403: one message."""
+        closed = socket.socket()
+        closed.bind(("127.0.0.2", 0))  # bound, not listening: connections are refused
+        silent = socket.socket()
+        silent.bind(("127.0.0.2", 0))
+        silent.listen(8)
+        receiver.verify_mode["/no"] = "403"
+        try:
+            messages = [_api(app, "webhook_create", {"topic": "dataset/create",
+                                                     "address": address}, status=409)
+                        .json["error"]["address"]
+                        for address in (f"http://127.0.0.2:{closed.getsockname()[1]}/x",
+                                        f"http://127.0.0.2:{silent.getsockname()[1]}/x",
+                                        receiver.url("/no"))]
+        finally:
+            closed.close()
+            silent.close()
+        assert messages[0] == messages[1] == messages[2]
+        assert [v.path for v in receiver.verifications] == ["/no"]
+        assert _hooks() == 0
+
+
+def _clear_rate_limits() -> None:
+    from ckan.lib.redis import connect_to_redis
+    for key in connect_to_redis().scan_iter("ckanext-webhooks:create:*"):
+        connect_to_redis().delete(key)
 
 
 @pytest.fixture
@@ -276,7 +396,8 @@ class TestWhoHearsWhat:
         was narrowed) is not contacted at delivery."""
         loopback = Receiver(host="127.0.0.1").start()
         hook_id = ids.new_hook_id()
-        model.Session.add(Webhook(id=hook_id, topic="dataset/create", host="127.0.0.1",
+        model.Session.add(Webhook(id=hook_id, topics=["dataset/create"], host="127.0.0.1",
+                                  site="127.0.0.1",
                                   address=loopback.url("/x"), created=model.Session.execute(
                                       sa.text("select now()")).scalar()))
         model.Session.commit()

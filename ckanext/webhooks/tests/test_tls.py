@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ckanext.webhooks import settings
-from ckanext.webhooks.delivery import Sender
+from ckanext.webhooks.sender import Sender
 
 from . import dns_standin as dns
 from .test_delivery import ALLOWED, RawServer, _read_request

@@ -669,6 +669,13 @@ class Sender:
         now = time.monotonic()
         return frozenset(n for n, t in self._gates.slow_names.items() if t > now)
 
+    def saturated_slow_hosts(self) -> frozenset[str]:
+        """The slow lane's receivers while requests already wait for it: new
+        work for them is better claimed by a process whose lane has room."""
+        if self._gates.waiting[SLOW] == 0:
+            return frozenset()
+        return self.slow_hosts()
+
     def stats(self) -> dict:
         """Slots used and requests waiting, per class (a snapshot)."""
         gates = self._gates

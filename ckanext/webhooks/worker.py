@@ -1,0 +1,70 @@
+"""The worker process (``ckan webhooks worker``): a Celery worker consuming
+the webhooks queue, with the outbox listener in its main process and the
+shutdown hooks that let a stop finish and record what is on the wire.
+
+The wiring runs one way: this module imports :mod:`celery_app`, :mod:`tasks`
+and :mod:`listener`; none of them imports it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import Any
+
+from celery import signals
+
+from ckan import model
+
+from . import shutdown, tasks  # noqa: F401 - tasks registers the Celery tasks
+from .celery_app import celery, queue_name, use_flask_app
+from .listener import OutboxListener
+
+log = logging.getLogger(__name__)
+
+
+@signals.worker_process_init.connect
+@signals.beat_init.connect
+def _fresh_connections(**_: Any) -> None:
+    """A forked process must not share its parent's database connections."""
+    model.Session.remove()
+    model.meta.engine.dispose(close=False)
+
+
+@signals.worker_process_init.connect
+def _pool_process(**_: Any) -> None:
+    """In a pool process, a drain under way defers SIGTERM until its requests
+    are finished and recorded (see :func:`shutdown.sigterm_deferred`)."""
+    shutdown.in_pool_process()
+
+
+@signals.worker_shutting_down.connect
+def _stop_claiming(how: str = "Warm", **_: Any) -> None:
+    """Runs in the worker's main process (in its signal handler) when it is
+    asked to stop: every process of the worker stops claiming deliveries and
+    records those on the wire before its task returns."""
+    shutdown.worker_stopping(cold=how != "Warm")
+
+
+@signals.worker_ready.connect
+def _announce_ready(**_: Any) -> None:
+    log.info("ckanext-webhooks worker ready, consuming %s", queue_name())
+
+
+def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
+               loglevel: str, pool: str | None = None) -> None:
+    """Start a Celery worker consuming the webhooks queue (blocks)."""
+    use_flask_app(flask_app)
+    celery.steps["consumer"].add(OutboxListener)
+    schedule = os.path.join(tempfile.gettempdir(),
+                            f"ckanext-webhooks-beat-{os.getpid()}")
+    argv = ["worker", f"--loglevel={loglevel}", "-Q", queue_name(),
+            "--without-gossip", "--without-mingle",
+            f"--hostname=webhooks-{os.getpid()}@%h"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    if pool:
+        argv.append(f"--pool={pool}")
+    if beat:
+        argv += ["--beat", f"--schedule={schedule}"]
+    celery.worker_main(argv)
