@@ -31,6 +31,7 @@ setup(
         "httptools>=0.6,<1",
         "cryptography>=42",
         "publicsuffixlist>=1.0,<2",
+        "prometheus_client>=0.20,<1",
     ],
     entry_points={
         "ckan.plugins": [

@@ -72,6 +72,7 @@ def main() -> None:
     noisy = run("noisy_neighbours.py", *(["--slow-hooks", "60", "--slow-hosts", "12",
                                           "--slow-delay", "5", "--updates", "6"] if quick else []))
     lease = run("lease_one_host.py", *(["--hooks", "100", "--delay", "5"] if quick else []))
+    storage = run("storage.py", *(["--attempts", "20000", "--old", "100000"] if quick else []))
 
     stdlib = fanout["receivers"]["stdlib"]
     rows = []
@@ -81,12 +82,12 @@ def main() -> None:
     rows += [
         ("fan-out to 10,000 hooks (deliveries/s)", stdlib["main"]["deliveries_per_s"],
          ">= 2000", stdlib["main"]["deliveries_per_s"] >= 2000),
-        ("fan-out / raw wrk rate, stdlib receiver", stdlib["ratio_to_raw"], ">= 0.50",
-         stdlib["ratio_to_raw"] >= 0.5),
+        ("fan-out / raw wrk rate, stdlib receiver", stdlib["ratio_to_raw"], ">= 0.70",
+         stdlib["ratio_to_raw"] >= 0.7),
         ("fan-out / raw wrk rate, asyncio receiver", fanout["receivers"]["asyncio"]["ratio_to_raw"],
-         "(best case, no target)", None),
-        ("latency p50 (ms)", round(latency["latency_ms"]["median"], 1), "<= 20",
-         latency["latency_ms"]["median"] <= 20),
+         ">= 0.15", fanout["receivers"]["asyncio"]["ratio_to_raw"] >= 0.15),
+        ("latency p50 (ms)", round(latency["latency_ms"]["median"], 1), "<= 15",
+         latency["latency_ms"]["median"] <= 15),
         ("latency p99 (ms)", round(latency["latency_ms"]["p99"], 1), "<= 100",
          latency["latency_ms"]["p99"] <= 100),
         ("worker RSS peak across the curve (MB)",
@@ -107,6 +108,16 @@ def main() -> None:
                  audiences["cpu_ms_per_extra_audience"].get("worker_cpu_fanout_s"),
                  "(reported)", None))
     rows += isolation_rows(noisy, lease)
+    per = storage["per_100k_attempts_bytes"]
+    retention = storage["retention"]
+    rows += [
+        ("delivery log per 100,000 attempts, 1 KB kept / 20 KB kept (MB)",
+         f"{per['1024']['total'] / 1e6:.0f} / {per['20480']['total'] / 1e6:.0f}",
+         "(reported)", None),
+        (f"retention of {retention['old_rows']:,} attempts (s; longest transaction ms)",
+         f"{retention['seconds']:.1f}; {retention['longest_transaction_ms']:.0f}",
+         "(reported)", None),
+    ]
     rows += [
         ("poll / push bytes", round(poll["poll"]["bytes"] / poll["push"]["bytes"], 1), "", None),
         ("poll / push mean delay", round(poll["poll"]["mean_delay_s"] /

@@ -143,6 +143,23 @@ def ping(hook_id):
 
 
 @webhooks.command()
+@click.option("--max-lag", type=float, default=300.0, show_default=True,
+              help="Seconds an event may wait for its fan-out, or a due delivery for a "
+                   "worker, before delivery counts as unhealthy.")
+def health(max_lag):
+    """Exit 0 when workers are alive, one listens, and nothing has waited longer
+    than --max-lag; else exit 2 (Nagios: critical) with the reasons on one line.
+    For a systemd watchdog, a Kubernetes probe or a Nagios check."""
+    from . import health as checks
+    found = checks.problems(max_lag)
+    if found:
+        click.echo("UNHEALTHY: " + "; ".join(found))
+        raise SystemExit(2)
+    now = checks.state()
+    click.echo(f"OK: {now['workers']} worker(s) alive, {now['due']} delivery(ies) due")
+
+
+@webhooks.command()
 def stats():
     """Hooks, their health and the delivery queue, in numbers."""
     from . import report

@@ -27,7 +27,7 @@ import sqlalchemy as sa
 
 from ckan import model
 
-from . import audience, crypto, guard, settings
+from . import audience, crypto, guard, metrics, settings
 from .ids import fingerprint
 from .model import NOTIFY_CHANNEL
 from .sender import Outcome
@@ -158,6 +158,7 @@ class Job:
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
     topic: str = ""
     claim_token: str = ""         # its claim's: only its holder records its outcome
+    created: Optional[float] = None  # its event's commit (epoch seconds), for the metrics
     # Preparing it raised: nothing was sent; retried on the schedule, not
     # counted against the hook.
     prepare_error: Optional[str] = None
@@ -280,20 +281,25 @@ def record(jobs: list[Job]) -> None:
     schedule = settings.retry_schedule()
     finished, retries, handed_back = [], [], []
     per_hook: dict[str, dict] = {}
+    observed: list[tuple] = []  # (outcome, topic, duration, since commit) for the metrics
+    now = time.time()
     for job in mine:
         if job.prepare_error is not None:  # nothing was sent
             if job.attempts < len(schedule):
                 retries.append({"e": job.event_id, "h": job.hook_id,
                                 "delay": _retry_delay(job, schedule), "status": None,
                                 "error": job.prepare_error})
+                observed.append(("retry", job.topic, None, None))
             else:
                 log.warning("giving up on event %s for %s after %d attempts (it could not "
                             "be prepared)", job.event_id, fingerprint(job.hook_id),
                             job.attempts)
                 finished.append({"e": job.event_id, "h": job.hook_id})
+                observed.append(("given_up", job.topic, None, None))
             continue
         if job.outcome is None:  # dropped: nothing was sent
             finished.append({"e": job.event_id, "h": job.hook_id})
+            observed.append(("withheld", job.topic, None, None))
             continue
         if job.outcome.waited_for_slot:  # never sent: not an attempt, not a failure
             handed_back.append({"e": job.event_id, "h": job.hook_id})
@@ -314,11 +320,15 @@ def record(jobs: list[Job]) -> None:
             retries.append({"e": job.event_id, "h": job.hook_id,
                             "delay": _retry_delay(job, schedule),
                             "status": job.outcome.status, "error": job.outcome.error})
+            outcome = "retry"
         else:
             if kind == "retry":
                 log.warning("giving up on event %s for %s after %d attempts",
                             job.event_id, fingerprint(job.hook_id), job.attempts)
             finished.append({"e": job.event_id, "h": job.hook_id})
+            outcome = {"ok": "success", "retry": "given_up"}.get(kind, "refused")
+        observed.append((outcome, job.topic, job.outcome.duration,
+                         now - job.created if job.created else None))
 
     attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome,
                             job.reason)
@@ -376,6 +386,8 @@ def record(jobs: list[Job]) -> None:
             elif row.consecutive_4xx >= limit:
                 to_pause.append((row.id, f"answered 4xx {row.consecutive_4xx} times in a row"))
     session.commit()
+    for outcome, topic, duration, since_commit in observed:
+        metrics.recorded(outcome, topic, duration, since_commit)
     for hook_id, reason in sorted(doomed):
         _delete_hook(hook_id, reason)
         session.commit()
@@ -400,9 +412,11 @@ def _report_lost(lost: list[Job]) -> None:
 
 def attempt_row(hook_id: str, event_id: str, topic: str, attempt: int,
                 outcome: Outcome, reason: Optional[str] = None) -> dict:
-    """One delivery log entry, as :func:`log_attempts` takes it."""
-    body = outcome.body.decode("utf-8", "replace").replace("\x00", "\ufffd") \
-        if outcome.body else None  # text PostgreSQL can store
+    """One delivery log entry, as :func:`log_attempts` takes it: the first
+    ``log_body_bytes`` of the answer (the sender read more to decide)."""
+    kept = outcome.body[:settings.log_body_bytes()] if outcome.body else b""
+    body = kept.decode("utf-8", "replace").replace("\x00", "\ufffd") \
+        if kept else None  # text PostgreSQL can store
     return {"h": hook_id, "e": event_id, "t": topic, "n": attempt, "s": outcome.status,
             "x": outcome.error, "d": int(outcome.duration * 1000), "r": body, "why": reason}
 

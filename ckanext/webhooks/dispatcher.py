@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Optional
 
-from . import settings
+from . import metrics, settings
 from .delivery_queue import Job, claim, hand_back, leases, record
 from .fanout import fan_out
 from .ids import fingerprint
@@ -68,8 +68,9 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
                         and _process_sender().free_capacity() > 0):
                     # Work for receivers whose slow lane is full here is left
                     # to processes with room (and handed back if it waits).
-                    jobs = claim(settings.batch_size(),
-                                 _process_sender().saturated_slow_hosts())
+                    sender = _process_sender()
+                    metrics.hosts_backed_off(len(sender.slow_hosts()))
+                    jobs = claim(settings.batch_size(), sender.saturated_slow_hosts())
                     if not jobs:
                         exhausted = True
                         break

@@ -1,18 +1,31 @@
-"""Wakes the delivery workers the moment events are committed.
+"""Wakes the delivery workers the moment events are committed, and writes
+each worker's heartbeat.
 
 A trigger on ``webhooks_event`` makes PostgreSQL notify the channel below when
 a transaction that recorded events commits. Each worker runs one listener
-thread (a Celery consumer bootstep, so it starts after the pool has forked):
-on a notification it publishes a fan-out task (the task finds the events
-itself). The web process takes no part: a broker outage never touches CKAN's
+thread (a Celery consumer bootstep, so it starts after the pool has forked),
+on a database connection of its own (``ckanext.webhooks.listen_url``, or
+``sqlalchemy.url``). Of all the workers, on however many machines, one
+listens: the one holding a PostgreSQL advisory lock, on that connection. On a
+notification it publishes a fan-out task (the task finds the events itself),
+so a commit makes one fan-out, not one per worker. The others try to take the
+lock every ``heartbeat_seconds``: when the listener's worker dies, its
+connection closes, the lock is released and another worker takes over within
+seconds. The web process takes no part: a broker outage never touches CKAN's
 writes, and events committed meanwhile are fanned out when it returns (the
 periodic sweep asks again for anything a notification missed).
+
+Every worker's listener thread also writes the worker's heartbeat
+(``webhooks_worker``), which ``ckan webhooks health`` reads.
 """
 from __future__ import annotations
 
 import logging
+import os
 import select
+import socket
 import threading
+import time
 
 import psycopg2
 import psycopg2.extensions
@@ -20,31 +33,75 @@ from celery import bootsteps
 
 from ckan import model
 
+from . import settings
 from .celery_app import send_fanout
 from .model import NOTIFY_CHANNEL
 
 log = logging.getLogger(__name__)
 
+# The advisory lock whose holder is the listener (a fixed 64-bit key).
+LISTENER_LOCK = 0x636B_616E_7768_6B31  # "ckanwhk1"
+
+
+_wakes = 0  # fan-out tasks published by this worker's listener (its heartbeat says)
+
 
 def _wake_a_worker() -> None:
+    global _wakes
     try:
         send_fanout()
+        _wakes += 1
     except Exception as error:  # noqa: BLE001 - the periodic sweep asks again
         log.warning("broker unavailable (%s); events wait for it", error)
 
 
-def _listen(stop: threading.Event) -> None:
-    dsn = model.meta.engine.url.render_as_string(hide_password=False)
-    dsn = dsn.replace("postgresql+psycopg2://", "postgresql://")
+def _dsn() -> str:
+    url = settings.listen_url() or model.meta.engine.url.render_as_string(hide_password=False)
+    return url.replace("postgresql+psycopg2://", "postgresql://")
+
+
+def _beat(cursor, name: str, started: float, listening: bool) -> None:
+    cursor.execute("""
+        INSERT INTO webhooks_worker (name, host, pid, started, beat, listener, wakes)
+        VALUES (%s, %s, %s, to_timestamp(%s), now(), %s, %s)
+        ON CONFLICT (name) DO UPDATE
+           SET beat = now(), listener = EXCLUDED.listener, wakes = EXCLUDED.wakes
+    """, (name, socket.gethostname(), os.getpid(), started, listening, _wakes))
+
+
+def _take_the_lock(cursor) -> bool:
+    cursor.execute("SELECT pg_try_advisory_lock(%s)", (LISTENER_LOCK,))
+    if not cursor.fetchone()[0]:
+        return False
+    cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
+    log.info("outbox listener: this worker now listens for every worker")
+    _wake_a_worker()  # whatever was committed while nobody listened
+    return True
+
+
+def _listen(stop: threading.Event, name: str) -> None:
+    started = time.time()
     while not stop.is_set():
         conn = None
         try:
-            conn = psycopg2.connect(dsn)
+            conn = psycopg2.connect(_dsn(), application_name="ckanext-webhooks listener")
             conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
-            conn.cursor().execute(f"LISTEN {NOTIFY_CHANNEL}")
-            _wake_a_worker()  # whatever was committed while nobody listened
+            cursor = conn.cursor()
+            listening = _take_the_lock(cursor)
+            _beat(cursor, name, started, listening)
+            next_beat = time.monotonic() + settings.heartbeat_seconds()
             while not stop.is_set():
-                if select.select([conn], [], [], 5.0) == ([], [], []):
+                interval = settings.heartbeat_seconds()
+                if time.monotonic() >= next_beat:
+                    if not listening:
+                        listening = _take_the_lock(cursor)
+                    _beat(cursor, name, started, listening)
+                    next_beat = time.monotonic() + interval
+                wait = max(0.0, next_beat - time.monotonic())
+                if not listening:
+                    stop.wait(wait)
+                    continue
+                if select.select([conn], [], [], wait) == ([], [], []):
                     continue
                 conn.poll()
                 if conn.notifies:
@@ -56,8 +113,8 @@ def _listen(stop: threading.Event) -> None:
         finally:
             if conn is not None:
                 try:
-                    conn.close()
-                except Exception:  # noqa: BLE001
+                    conn.close()  # also releases the lock: another worker takes over
+                except Exception:  # noqa: BLE001 - the connection is gone already
                     pass
 
 
@@ -74,8 +131,9 @@ class OutboxListener(bootsteps.StartStopStep):
     def start(self, parent):
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
-            self._thread = threading.Thread(target=_listen, args=(self._stop,), daemon=True,
-                                            name="ckanext-webhooks-listener")
+            name = getattr(parent, "hostname", None) or f"webhooks-{os.getpid()}"
+            self._thread = threading.Thread(target=_listen, args=(self._stop, name),
+                                            daemon=True, name="ckanext-webhooks-listener")
             self._thread.start()
 
     def stop(self, parent):

@@ -16,6 +16,24 @@ from .ids import fingerprint
 log = logging.getLogger(__name__)
 
 
+RETENTION_BATCH = 5000  # rows per transaction: short locks, bounded WAL per commit
+
+
+def _delete_in_batches(statement: str, days: float, what: str) -> int:
+    """Run a bounded DELETE (``LIMIT :batch``) until it deletes less than a
+    batch, committing each: no long transaction, no lock held for long."""
+    total = batches = 0
+    while True:
+        deleted = model.Session.execute(sa.text(statement), {
+            "secs": days * 86400, "batch": RETENTION_BATCH}).rowcount
+        model.Session.commit()
+        total, batches = total + deleted, batches + 1
+        if deleted < RETENTION_BATCH:
+            if total:
+                log.info("retention: deleted %d %s in %d transaction(s)", total, what, batches)
+            return total
+
+
 def prune() -> dict[str, int]:
     """Pause hooks that have only failed for ``stale_after_days``, delete hooks
     a rule paused more than ``pause_grace_days`` ago, and delete old attempts
@@ -43,14 +61,20 @@ def prune() -> dict[str, int]:
         log.info("pruned webhook %s (%s, %s): paused %g days ago (%s) and not resumed",
                  fingerprint(row.id), " ".join(row.topics), host_of(row.address), grace,
                  row.pause_reason)
-    attempts = session.execute(sa.text("""
-        DELETE FROM webhooks_attempt WHERE at < now() - make_interval(secs => :secs)
-    """), {"secs": settings.log_retention_days() * 86400}).rowcount
-    events = session.execute(sa.text("""
-        DELETE FROM webhooks_event e
-         WHERE fanned_out < now() - make_interval(secs => :secs)
-           AND NOT EXISTS (SELECT 1 FROM webhooks_delivery d WHERE d.event_id = e.id)
-    """), {"secs": settings.event_retention_days() * 86400}).rowcount
+    session.execute(sa.text(  # workers gone for a day: no longer worth a row
+        "DELETE FROM webhooks_worker WHERE beat < now() - interval '1 day'"))
     session.commit()
+    attempts = _delete_in_batches("""
+        DELETE FROM webhooks_attempt WHERE id IN (
+            SELECT id FROM webhooks_attempt
+             WHERE at < now() - make_interval(secs => :secs) LIMIT :batch)
+    """, settings.log_retention_days(), "attempts")
+    events = _delete_in_batches("""
+        DELETE FROM webhooks_event WHERE id IN (
+            SELECT e.id FROM webhooks_event e
+             WHERE e.fanned_out < now() - make_interval(secs => :secs)
+               AND NOT EXISTS (SELECT 1 FROM webhooks_delivery d WHERE d.event_id = e.id)
+             LIMIT :batch)
+    """, settings.event_retention_days(), "events")
     return {"paused_stale_hooks": len(stale), "deleted_paused_hooks": len(expired),
             "old_events": events, "old_attempts": attempts}

@@ -7,6 +7,7 @@
                        ``ckanext.webhooks.log_retention_days``;
 ``webhooks_rendering`` each event as each audience's reader sees it, rendered
                        once and shared by that audience's hooks;
+``webhooks_worker``    each worker's heartbeat, and which one listens;
 ``webhooks_delivery``  the durable delivery queue: one row per (event, hook)
                        still to be delivered, first attempts and retries alike.
                        Celery messages only tell workers to drain it, so a lost
@@ -166,7 +167,7 @@ class WebhookAttempt(toolkit.BaseModel):
     status = Column(Integer, nullable=True)
     error = Column(Text, nullable=True)
     duration_ms = Column(Integer, nullable=False)
-    # The first max_response_bytes of the answer, as text.
+    # The first log_body_bytes of the answer, as text.
     response = Column(Text, nullable=True)
     reason = Column(Text, nullable=True)  # of a dataset/create or dataset/delete
 
@@ -174,3 +175,18 @@ class WebhookAttempt(toolkit.BaseModel):
         Index("webhooks_attempt_hook_idx", "hook_id", "at"),
         Index("webhooks_attempt_at_idx", "at"),
     )
+
+
+class WebhookWorker(toolkit.BaseModel):
+    """A worker's heartbeat (``ckan webhooks health``)."""
+    __tablename__ = "webhooks_worker"
+
+    name = Column(Text, primary_key=True)  # its Celery node name
+    host = Column(Text, nullable=False)
+    pid = Column(Integer, nullable=False)
+    started = Column(DateTime(timezone=True), nullable=False)
+    beat = Column(DateTime(timezone=True), nullable=False)
+    # The elected listener: the one worker that LISTENs for new events.
+    listener = Column(Boolean, nullable=False, default=False)
+    # Fan-out tasks its listener published since the worker started.
+    wakes = Column(BigInteger, nullable=False, default=0)

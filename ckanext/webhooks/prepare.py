@@ -99,6 +99,7 @@ def _prepare(jobs: list[Job]) -> list[Job]:
                 job.drop = "gone"
                 continue
             job.topic = job.delivered_topic or event.topic
+            job.created = event.created.timestamp() if event.created else None
             key, active = readers.get(hook.id, (None, False))
             reader = names.get(key) if active else None
             if reader is None:

@@ -93,6 +93,10 @@ def timeout() -> float:
     return _float("timeout")
 
 
+def log_body_bytes() -> int:
+    return max(0, _int("log_body_bytes"))
+
+
 def max_response_bytes() -> int:
     return _int("max_response_bytes")
 
@@ -166,6 +170,22 @@ def secret_keys() -> list[str]:
 def ckan_secret_key() -> Optional[str]:
     """CKAN's own ``SECRET_KEY`` (a key derived from it always decrypts)."""
     return toolkit.config.get("SECRET_KEY") or toolkit.config.get("beaker.session.secret")
+
+
+def metrics_port() -> int:
+    return int(_raw("metrics_port") or 0)
+
+
+def metrics_host() -> str:
+    return str(_raw("metrics_host"))
+
+
+def listen_url() -> Optional[str]:
+    return _raw("listen_url")
+
+
+def heartbeat_seconds() -> float:
+    return max(0.5, _float("heartbeat_seconds"))
 
 
 # The Celery wiring (read from the config being loaded, too)

@@ -16,7 +16,7 @@ from celery import signals
 
 from ckan import model
 
-from . import shutdown, tasks  # noqa: F401 - tasks registers the Celery tasks
+from . import metrics, shutdown, tasks  # noqa: F401 - tasks registers the Celery tasks
 from .celery_app import celery, queue_name, use_flask_app
 from .listener import OutboxListener
 
@@ -46,6 +46,13 @@ def _stop_claiming(how: str = "Warm", **_: Any) -> None:
     shutdown.worker_stopping(cold=how != "Warm")
 
 
+@signals.worker_process_shutdown.connect
+def _pool_process_gone(pid: int | None = None, **_: Any) -> None:
+    """Its live gauges leave the sums (prometheus_client's multiprocess mode)."""
+    if pid:
+        metrics.process_gone(pid)
+
+
 @signals.worker_ready.connect
 def _announce_ready(**_: Any) -> None:
     log.info("ckanext-webhooks worker ready, consuming %s", queue_name())
@@ -55,6 +62,8 @@ def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
                loglevel: str, pool: str | None = None) -> None:
     """Start a Celery worker consuming the webhooks queue (blocks)."""
     use_flask_app(flask_app)
+    metrics.prepare_worker()  # before the pool forks and anything imports prometheus_client
+    metrics.serve()
     celery.steps["consumer"].add(OutboxListener)
     schedule = os.path.join(tempfile.gettempdir(),
                             f"ckanext-webhooks-beat-{os.getpid()}")
@@ -67,4 +76,7 @@ def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
         argv.append(f"--pool={pool}")
     if beat:
         argv += ["--beat", f"--schedule={schedule}"]
-    celery.worker_main(argv)
+    try:
+        celery.worker_main(argv)
+    finally:
+        metrics.cleanup()

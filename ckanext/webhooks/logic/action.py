@@ -458,8 +458,8 @@ def webhook_deliveries(context, data_dict):
         first attempt), ``status`` (HTTP status or null), ``error`` (``timeout``,
         ``connect_error``, ``connection_error``, ``tls_error``,
         ``refused_address``, ``dns_error``, ``internal_error`` or null),
-        ``duration_ms`` and ``response`` (the
-        first 20 KB of the answer)
+        ``duration_ms`` and ``response`` (the first
+        ``ckanext.webhooks.log_body_bytes`` of the answer, 1 KB by default)
     :rtype: list of dictionaries
     """
     toolkit.check_access("webhook_deliveries", context, data_dict)

@@ -100,8 +100,8 @@ def test_the_ckan_command_finds_the_webhooks_group():
               if line.strip()}
     assert listed == {"worker", "list", "show", "update", "pause", "resume", "recover", "delete",
                       "ping",
-                      "prune", "stats", "redeliver", "export", "import", "new-key",
-                      "rotate-key"}
+                      "prune", "stats", "health", "redeliver", "export", "import",
+                      "new-key", "rotate-key"}
     version = _ckan(processes.TEST_INI, "webhooks", "--version").stdout
     from ckanext.webhooks import __version__
     assert version.strip() == f"ckanext-webhooks, version {__version__}"

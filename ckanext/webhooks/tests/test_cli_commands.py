@@ -40,8 +40,8 @@ def _hooks(receiver, count=3):
 class TestCommands:
     def test_every_command_has_help(self, cli):
         for command in ("worker", "list", "show", "update", "pause", "resume", "recover",
-                        "delete", "ping", "prune", "stats", "redeliver", "export", "import",
-                        "new-key", "rotate-key"):
+                        "delete", "ping", "prune", "stats", "health", "redeliver", "export",
+                        "import", "new-key", "rotate-key"):
             assert "Usage:" in _run(cli, command, "--help").output
 
     def test_list_show_delete(self, cli, receiver):
