@@ -7,6 +7,7 @@ and :mod:`listener`; none of them imports it.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -80,3 +81,8 @@ def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
         celery.worker_main(argv)
     finally:
         metrics.cleanup()
+        for leftover in glob.glob(glob.escape(schedule) + "*"):  # beat's shelve files
+            try:
+                os.unlink(leftover)
+            except OSError:
+                pass

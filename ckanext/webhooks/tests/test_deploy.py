@@ -22,7 +22,9 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -288,6 +290,7 @@ class Supervisor:
             "", "[include]", f"files = {workdir}/ckanext-webhooks.conf", ""]))
         self.names = [f"{PROGRAM}-{n:02d}" for n in range(numprocs)]
         self.groups: set[int] = set()  # process groups of the workers seen
+        self.started = time.time()
         self.daemon = processes.Process(
             "supervisord", [str(processes.BIN / "supervisord"), "-n", "-c", str(self.conf)])
 
@@ -295,7 +298,7 @@ class Supervisor:
         return subprocess.run([str(processes.BIN / "supervisorctl"), "-c", str(self.conf),
                                *args], capture_output=True, text=True, timeout=timeout)
 
-    def stderr_log(self, name: str, stream: str = "stderr") -> str:
+    def program_log(self, name: str, stream: str = "stderr") -> str:
         number = name.rsplit("-", 1)[1]
         path = self.logs / f"{PROGRAM}-{number}.{stream}.log"
         return path.read_text(errors="replace") if path.exists() else ""
@@ -309,26 +312,38 @@ class Supervisor:
         return int(result.stdout.strip()) if result.stdout.strip().isdigit() else 0
 
     def ready(self) -> bool:
+        """Every process RUNNING for supervisor (up for startsecs) and ready."""
         assert self.daemon.alive(), self.daemon.output()[-3000:]
+        if not all("worker ready" in self.program_log(name) for name in self.names):
+            return False  # (the logs first: cheaper than a supervisorctl)
         status = self.ctl("status").stdout
-        return all(re.search(rf"{name}\s+RUNNING", status)
-                   and "worker ready" in self.stderr_log(name) for name in self.names)
+        return all(re.search(rf"{name}\s+RUNNING", status) for name in self.names)
 
     def shutdown(self) -> None:
         """Stop everything, whatever state the test left it in."""
         if self.daemon.alive():
-            self.ctl("stop", f"{PROGRAM}:*", timeout=150)
-            self.ctl("shutdown", timeout=30)
             try:
+                self.ctl("stop", f"{PROGRAM}:*", timeout=150)
+                self.ctl("shutdown", timeout=30)
                 self.daemon.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
         self.daemon.stop()
         for group in self.groups:  # nothing of a worker may outlive the test
             try:
-                os.killpg(group, 9)
+                os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            for path in _beat_schedule(group, self.started):
+                path.unlink()
+
+
+def _beat_schedule(worker_pid: int, since: float) -> list[Path]:
+    """The beat schedule files of a worker (worker.py names them after its
+    pid) written since ``since``: older ones are another process's that had
+    the same pid."""
+    return [path for path in Path(tempfile.gettempdir()).glob(
+        f"ckanext-webhooks-beat-{worker_pid}.*") if path.stat().st_mtime >= since]
 
 
 def _processes_in_group(group: int) -> list[int]:
@@ -362,7 +377,8 @@ def supervisor(tmp_path, webhooks_tables, only_my_workers):
 @pytest.mark.usefixtures("no_leftover_hooks")
 def test_supervisor_runs_the_workers_and_stops_them_cleanly(
         supervisor, live_ckan, receiver, sysadmin_token, organization):
-    _wait(supervisor.ready, 90, "both workers of the supervisor program running and ready")
+    _wait(supervisor.ready, 90, "both workers of the supervisor program running and ready",
+          interval=0.5)
     pids = {name: supervisor.pid(name) for name in supervisor.names}
     assert all(pids.values()), pids
     for pid in pids.values():
@@ -370,11 +386,16 @@ def test_supervisor_runs_the_workers_and_stops_them_cleanly(
         # the worker's pool processes (and beat) are in it.
         assert os.getpgid(pid) == pid
         supervisor.groups.add(pid)
-    # Exactly one of the two runs the periodic tasks (process 00, --beat).
-    beats = {name: "beat: Starting" in supervisor.stderr_log(name) for name in supervisor.names}
-    assert beats == {f"{PROGRAM}-00": True, f"{PROGRAM}-01": False}, beats
-    workers = {name: _processes_in_group(pid) for name, pid in pids.items()}
-    assert all(len(members) > 1 for members in workers.values()), workers  # pool processes
+    # Exactly one of the two runs the periodic tasks (process 00, --beat): its
+    # embedded beat, a process of its own, keeps its schedule in a file named
+    # after the worker (worker.py); the other has its pool processes only.
+    since = supervisor.started - 1  # file times may be coarser than time.time()
+    _wait(lambda: _beat_schedule(pids[f"{PROGRAM}-00"], since), 30, "worker 00 runs beat")
+    assert not _beat_schedule(pids[f"{PROGRAM}-01"], since)
+    pool = int(re.search(r"concurrency: (\d+) \(prefork\)",
+                         supervisor.program_log(f"{PROGRAM}-00", "stdout")).group(1))
+    members = {name: len(_processes_in_group(pid)) for name, pid in pids.items()}
+    assert members == {f"{PROGRAM}-00": 1 + pool + 1, f"{PROGRAM}-01": 1 + pool}, members
 
     # A hook created through the live CKAN receives a dataset change.
     anon = ckanapi.RemoteCKAN(live_ckan)
@@ -402,9 +423,12 @@ def test_supervisor_runs_the_workers_and_stops_them_cleanly(
     log = supervisor.log()
     for name in supervisor.names:
         assert f"stopped: {name} (exit status 0)" in log, log[-3000:]
-        output = supervisor.stderr_log(name)
-        assert "Warm shutdown" in supervisor.stderr_log(name, "stdout")
+        output = supervisor.program_log(name) + supervisor.program_log(name, "stdout")
+        assert "Warm shutdown" in output
         assert "Traceback" not in output and "WorkerLostError" not in output, output[-3000:]
+        # SIGTERM reached the main process only (stopasgroup=false): no pool
+        # process was killed by it ("exited with 'signal 15 (SIGTERM)'").
+        assert "signal 15" not in output, output[-3000:]
     assert "SIGKILL" not in log, log[-3000:]
     # Every process of both workers is gone: the pool processes too.
     leftovers = {pid: _processes_in_group(pid) for pid in pids.values()}
