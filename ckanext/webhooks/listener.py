@@ -72,11 +72,36 @@ def _beat(cursor, name: str, started: float, listening: bool) -> None:
 def _take_the_lock(cursor) -> bool:
     cursor.execute("SELECT pg_try_advisory_lock(%s)", (LISTENER_LOCK,))
     if not cursor.fetchone()[0]:
-        return False
+        if not _unseat_a_stuck_listener(cursor):
+            return False
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", (LISTENER_LOCK,))
+        if not cursor.fetchone()[0]:
+            return False
     cursor.execute(f"LISTEN {NOTIFY_CHANNEL}")
     log.info("outbox listener: this worker now listens for every worker")
     _wake_a_worker()  # whatever was committed while nobody listened
     return True
+
+
+def _unseat_a_stuck_listener(cursor) -> bool:
+    """A listener whose worker hangs (stopped, stuck, its host frozen) keeps
+    its connection and so the lock, but stops beating: when no listener has
+    beaten for three heartbeats, end the connection that holds the lock (the
+    database user may end its own sessions), so the lock comes free."""
+    cursor.execute("""
+        SELECT pg_terminate_backend(l.pid) FROM pg_locks l
+         WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND l.classid = %(high)s AND l.objid = %(low)s AND l.pid <> pg_backend_pid()
+           AND NOT EXISTS (SELECT 1 FROM webhooks_worker WHERE listener
+                            AND beat > now() - make_interval(secs => %(stale)s))
+    """, {"high": LISTENER_LOCK >> 32, "low": LISTENER_LOCK & 0xFFFFFFFF,
+          "stale": 3 * settings.heartbeat_seconds()})
+    ended = [row[0] for row in cursor.fetchall()]
+    if ended:
+        log.warning("outbox listener: the listening worker stopped beating; its "
+                    "connection was ended so that this one takes over")
+    return any(ended)
 
 
 def _listen(stop: threading.Event, name: str) -> None:

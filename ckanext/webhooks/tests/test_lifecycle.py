@@ -178,6 +178,10 @@ class TestUpdate:
 
     def test_topics_and_filters_change_and_a_bad_field_changes_nothing(
             self, anon, admin, receiver, organization):
+        # The datasets exist before the hook: their dataset/create events are
+        # none of its business.
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        other = admin.action.package_create(name=_name(), owner_org=organization["id"])
         hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/u"))
         shown = anon.action.webhook_show(id=hook)
         for bad in ({"topics": ["nope"]}, {"active": "maybe"}, {"dataset": "no-such-dataset"},
@@ -185,12 +189,10 @@ class TestUpdate:
             with pytest.raises(ckanapi.ValidationError):
                 anon.action.webhook_update(**{"id": hook, "topics": ["dataset/update"], **bad})
             assert anon.action.webhook_show(id=hook) == shown
-        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
         updated = anon.action.webhook_update(id=hook, topics=["dataset/update"],
                                              dataset=dataset["id"])
         assert updated["topics"] == ["dataset/update"]
         assert updated["filters"]["dataset"] == dataset["id"]
-        other = admin.action.package_create(name=_name(), owner_org=organization["id"])
         admin.action.package_patch(id=other["id"], title="Not followed")
         admin.action.package_patch(id=dataset["id"], title="Followed")
         [received] = receiver.wait_count("/u", 1)

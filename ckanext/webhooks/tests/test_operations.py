@@ -43,7 +43,8 @@ def _until(condition, timeout: float = 30.0, what: str = "condition"):
         value = condition()
         if value:
             return value
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        assert time.time() < deadline, \
+            f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.2)
 
 
@@ -103,7 +104,9 @@ def test_health_names_every_reason_then_recovers(private_stack, receiver):
     _, _, worker = private_stack({"ckanext.webhooks.heartbeat_seconds": "1",
                                   "ckanext.webhooks.celery.queue":
                                       f"ops-{uuid.uuid4().hex[:6]}"}, web=False)
-    _until(lambda: _health(ini)[0] == 0, what="health to come back")
+    seen = []
+    _until(lambda: seen.append(_health(ini)) or seen[-1][0] == 0,
+           what=lambda: f"health to come back (last said: {seen[-1]})")
     assert _health(ini)[1].startswith("OK: 1 worker(s) alive")
     assert _sql("SELECT fanned_out IS NOT NULL FROM webhooks_event WHERE id = :e",
                 e=event) == [(True,)]
