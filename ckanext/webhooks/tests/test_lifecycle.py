@@ -111,6 +111,7 @@ class TestTopics:
         dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
         resource = admin.action.resource_create(package_id=dataset["id"],
                                                 url="http://a.test/r.csv")
+        receiver.wait_count("/res", 1)  # (as for datasets: let the create arrive first)
         admin.action.resource_delete(id=resource["id"])
         received = receiver.wait_count("/res", 2)
         assert [r.json["topic"] for r in received] == ["resource/create", "resource/delete"]
