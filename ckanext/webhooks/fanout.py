@@ -240,6 +240,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
         # that it is rendered? If not, a later event tells them (never widen).
         if not visible(now):
             return None
+        if kind == "resource" and not _resource_active(object_id):
+            return None  # deleted since: its resource/delete tells them
         if reuse and _has_rendering(event.id, key):  # a recovery: what they were sent
             return {"audience": key, "vb": bool(vb), "va": bool(va)}
         try:
@@ -250,6 +252,12 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
             return None
         _store_rendering(event.id, key, data)
     return {"audience": key, "vb": bool(vb), "va": bool(va)}
+
+
+def _resource_active(resource_id: str) -> bool:
+    return model.Session.execute(sa.text(
+        "SELECT state = 'active' FROM resource WHERE id = :id"), {"id": resource_id}
+    ).scalar() is True
 
 
 def _has_rendering(event_id: str, key: str) -> bool:
