@@ -177,3 +177,17 @@ def no_leftover_hooks(webhooks_tables):
         conn.execute(sa.text("DELETE FROM webhooks"))
     yield
     model.Session.remove()
+
+
+@pytest.fixture
+def anon(live_ckan):
+    """An anonymous ckanapi client of the live CKAN."""
+    import ckanapi
+    return ckanapi.RemoteCKAN(live_ckan)
+
+
+@pytest.fixture
+def admin(live_ckan, sysadmin_token):
+    """A sysadmin's ckanapi client of the live CKAN."""
+    import ckanapi
+    return ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])

@@ -27,16 +27,6 @@ def _name(prefix: str = "ds") -> str:
 
 
 
-@pytest.fixture
-def anon(live_ckan):
-    return ckanapi.RemoteCKAN(live_ckan)
-
-
-@pytest.fixture
-def admin(live_ckan, sysadmin_token):
-    return ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
-
-
 def _validate(received) -> dict:
     body = received.json
     jsonschema.validate(body, SCHEMA, format_checker=jsonschema.FormatChecker())

@@ -63,16 +63,6 @@ def _fanned_out(dataset_id: str) -> int:
                 "AND fanned_out IS NOT NULL", p=dataset_id)[0][0]
 
 
-@pytest.fixture
-def anon(live_ckan):
-    return ckanapi.RemoteCKAN(live_ckan)
-
-
-@pytest.fixture
-def admin(live_ckan, sysadmin_token):
-    return ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
-
-
 # --- several topics, wildcards ----------------------------------------------------
 
 @pytest.mark.usefixtures("worker")
