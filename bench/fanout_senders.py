@@ -42,7 +42,6 @@ from benchlib import (
     table,
     write_result,
 )
-from sender_compare import spread, wrk
 
 DB = "ckanext_webhooks_bench_senders"
 WEB_PORT, SOLR_PORT, RECEIVER_PORT = 15190, 18980, 18190
@@ -168,6 +167,7 @@ def main() -> None:
     parser.add_argument("--gates", action="store_true", help="also aiohttp+gates")
     parser.add_argument("--receivers", default="stdlib,asyncio")
     args = parser.parse_args()
+    from sender_compare import spread, wrk  # needs aiohttp: only this comparison does
     senders = ["httptools", "aiohttp"] + (["aiohttp+gates"] if args.gates else [])
     impls = [x for x in args.receivers.split(",") if x]
     ini = processes.write_ini(OVERRIDES, base=BENCH_INI)
