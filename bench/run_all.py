@@ -73,6 +73,7 @@ def main() -> None:
                                           "--slow-delay", "5", "--updates", "6"] if quick else []))
     lease = run("lease_one_host.py", *(["--hooks", "100", "--delay", "5"] if quick else []))
     storage = run("storage.py", *(["--attempts", "20000", "--old", "100000"] if quick else []))
+    workers = run("workers.py", "--rounds", "1" if quick else "2")
 
     stdlib = fanout["receivers"]["stdlib"]
     rows = []
@@ -118,6 +119,14 @@ def main() -> None:
          f"{retention['seconds']:.1f}; {retention['longest_transaction_ms']:.0f}",
          "(reported)", None),
     ]
+    for shape in ("processes", "workers"):
+        by_count: dict[int, list[float]] = {}
+        for r in workers["runs"]:
+            if r["shape"] == shape:
+                by_count.setdefault(r["processes"], []).append(r["deliveries_per_s"])
+        rows.append((f"fan-out with 1/2/4 worker {shape} (deliveries/s, median)",
+                     " / ".join(f"{sorted(v)[len(v) // 2]:.0f}" for _, v in sorted(by_count.items())),
+                     "(reported)", None))
     rows += [
         ("poll / push bytes", round(poll["poll"]["bytes"] / poll["push"]["bytes"], 1), "", None),
         ("poll / push mean delay", round(poll["poll"]["mean_delay_s"] /
