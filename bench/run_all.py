@@ -124,9 +124,9 @@ def main() -> None:
         for r in workers["runs"]:
             if r["shape"] == shape:
                 by_count.setdefault(r["processes"], []).append(r["deliveries_per_s"])
+        medians = [sorted(v)[len(v) // 2] for _, v in sorted(by_count.items())]
         rows.append((f"fan-out with 1/2/4 worker {shape} (deliveries/s, median)",
-                     " / ".join(f"{sorted(v)[len(v) // 2]:.0f}" for _, v in sorted(by_count.items())),
-                     "(reported)", None))
+                     " / ".join(f"{m:.0f}" for m in medians), "(reported)", None))
     rows += [
         ("poll / push bytes", round(poll["poll"]["bytes"] / poll["push"]["bytes"], 1), "", None),
         ("poll / push mean delay", round(poll["poll"]["mean_delay_s"] /
