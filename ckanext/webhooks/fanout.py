@@ -134,10 +134,12 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
     """), where).all()
     names = audience.reader_names(a.audience for a in audiences)
     now = _visibility_now(event.package_id)
+    # A resource deleted since has nothing to render (its resource/delete follows).
+    gone = kind == "resource" and not _resource_active(event.object_id)
     decisions = []
     for row in audiences:
         decision = _decide(event, kind, row.audience, names[row.audience], row.topics,
-                           before, after, now, reuse=hook_id is not None)
+                           before, after, now, reuse=hook_id is not None, gone=gone)
         if decision is not None:
             decisions.append(decision)
     if not decisions:
@@ -200,7 +202,7 @@ _HOOKS = f"""
 
 def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list[str],
             before: Optional[dict], after: dict, now: Optional[dict],
-            reuse: bool = False) -> Optional[dict]:
+            reuse: bool = False, gone: bool = False) -> Optional[dict]:
     """Could ``reader`` see the entity before (vb) and after (va) the change?
     Renders it for them when a hook of theirs needs the body. None: nothing
     for this audience now (withheld, or rendering failed and will be retried).
@@ -238,10 +240,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
     if va and needs_body:
         # The change as captured is visible to the reader; is it still, now
         # that it is rendered? If not, a later event tells them (never widen).
-        if not visible(now):
+        if gone or not visible(now):
             return None
-        if kind == "resource" and not _resource_active(object_id):
-            return None  # deleted since: its resource/delete tells them
         if reuse and _has_rendering(event.id, key):  # a recovery: what they were sent
             return {"audience": key, "vb": bool(vb), "va": bool(va)}
         try:
