@@ -34,6 +34,7 @@ import pytest
 import yaml
 
 from . import processes
+from .waiting import until
 
 DEPLOY = processes.ROOT / "deploy"
 SYSTEMD = DEPLOY / "systemd"
@@ -62,15 +63,7 @@ def _default_timeout() -> float:
 STOP_NEEDS = 2 * _default_timeout() + 30
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(interval)
+_wait = until
 
 
 def _worker_args(argv: list[str]) -> dict:

@@ -3,6 +3,7 @@ real HTTP receivers on 127.0.0.2, driven through ckanapi as real clients."""
 from __future__ import annotations
 
 import json
+import functools
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from ckan import model
 from ckan.plugins import toolkit
 
 from . import processes
+from .waiting import until
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.json").read_text())
 
@@ -164,11 +166,7 @@ class TestDelivery:
         assert [r.json["data"]["id"] for r in receiver.on("/pub")] == [public["id"]]
 
 
-def _wait_until(condition, timeout: float = 15.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, "condition not met"
-        time.sleep(0.1)
+_wait_until = functools.partial(until, timeout=15.0, interval=0.1)
 
 
 def _wait_gone(client, hook: str, timeout: float = 15.0) -> None:

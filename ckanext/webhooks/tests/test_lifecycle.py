@@ -9,7 +9,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import functools
 import uuid
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook as Verifier, WebhookVerificationEr
 from ckan import model
 
 from . import processes
+from .waiting import until
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
 
@@ -33,14 +34,7 @@ def _secret() -> str:
     return "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
 
-def _wait_until(condition, timeout: float = 20.0):
-    deadline = time.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.time() < deadline, "condition not met"
-        time.sleep(0.1)
+_wait_until = functools.partial(until, timeout=20.0, interval=0.1)
 
 
 def _sql(statement: str, **params):

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import subprocess
+import functools
 import time
 import uuid
 
@@ -18,6 +19,7 @@ from ckan import model
 from ckan.tests import factories
 
 from . import processes
+from .waiting import until
 from .receiver import Receiver
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
@@ -37,15 +39,7 @@ def _health(ini, max_lag: float = 60) -> tuple[int, str]:
     return result.returncode, result.stdout.strip().splitlines()[-1]
 
 
-def _until(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.time() < deadline, \
-            f"timed out waiting for {what() if callable(what) else what}"
-        time.sleep(0.2)
+_until = functools.partial(until, timeout=30.0)
 
 
 @pytest.fixture

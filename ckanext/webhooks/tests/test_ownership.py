@@ -26,6 +26,7 @@ from ckan import model
 from ckan.tests import factories
 
 from . import processes
+from .waiting import until
 from .test_chaos import FAST, _add_hooks, _pending, _queue, _update
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
@@ -44,15 +45,7 @@ SLOW_OK = {"ckanext.webhooks.slow_lane_per_host": "16"}
 PATIENT = {"ckanext.webhooks.timeout": "10"}
 
 
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    """Poll ``predicate`` until it returns something true; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(interval)
+_wait = until
 
 
 def _queue_empty() -> bool:
