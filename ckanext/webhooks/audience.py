@@ -8,8 +8,10 @@ the user's id; every hook of one audience shares one rendering per event.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import time
 from typing import Any, Iterator, Optional
 
 import sqlalchemy as sa
@@ -126,6 +128,35 @@ def may_read(reader: str, action: str, object_id: str, package_id: Optional[str]
         return True
     except (toolkit.NotAuthorized, toolkit.ObjectNotFound):
         return False
+
+
+# Judgements of "may this reader see this now", per event, reused for a
+# second: the fan-out's own judgement serves the delivery right after it, and
+# consecutive batches of one event share one, instead of asking CKAN once per
+# batch and audience. Per process; a second of staleness is the bound.
+JUDGEMENT_TTL = 1.0
+_judgements: "collections.OrderedDict[tuple, tuple[bool, float]]" = collections.OrderedDict()
+
+
+def remember(event_id: str, key: str, action: str, object_id: str, allowed: bool) -> None:
+    """Keep a judgement made now (by :func:`may_read` with the dataset as it is)."""
+    cache_key = (event_id, key, action, object_id)
+    _judgements[cache_key] = (allowed, time.monotonic() + JUDGEMENT_TTL)
+    _judgements.move_to_end(cache_key)
+    while len(_judgements) > 4096:
+        _judgements.popitem(last=False)
+
+
+def may_still_read(reader: str, key: str, event_id: str, action: str, object_id: str,
+                   package_id: Optional[str]) -> bool:
+    """:func:`may_read` now, or as judged for the same event at most
+    ``JUDGEMENT_TTL`` ago."""
+    cached = _judgements.get((event_id, key, action, object_id))
+    if cached is not None and cached[1] > time.monotonic():
+        return cached[0]
+    allowed = may_read(reader, action, object_id, package_id)
+    remember(event_id, key, action, object_id, allowed)
+    return allowed
 
 
 def render(action: str, object_id: str, reader: str) -> dict:

@@ -190,13 +190,14 @@ _DUE_ELSEWHERE = """SELECT d.event_id, d.hook_id FROM webhooks_delivery d
                  ORDER BY d.due LIMIT :limit FOR UPDATE OF d SKIP LOCKED"""
 
 
-def claim(limit: int, skip_hosts: Iterable[str] = ()) -> list[Job]:
+def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
     """Lease up to ``limit`` due deliveries, with their hooks, in one statement,
     under a fresh claim token; this process renews the lease until it releases
     the token (:data:`leases`). Rows whose lease ran out are due again. Due
     rows of a paused hook (queued in a race with the pause) are held instead.
     Rows of ``skip_hosts`` (receivers whose slow lane is full here) are left
-    to other processes."""
+    to other processes. Returns the jobs, and whether more may be due (the
+    statement took as many rows as it could)."""
     session = model.Session
     token = secrets.token_hex(16)
     lease = settings.lease_seconds()
@@ -215,13 +216,14 @@ def claim(limit: int, skip_hosts: Iterable[str] = ()) -> list[Job]:
                   END AS previous_secret
     """), {"lease": lease, "limit": limit, "token": token, "skip": skip}).all()
     session.commit()
+    more = len(rows) >= limit
     rows = [row for row in rows if row.active]
     if rows:
         leases.hold(token, lease)
     return [Job(r.event_id, r.hook_id, r.attempts,
                 HookRow(r.hook_id, r.address, r.secret, r.user_id, r.token_id,
                         r.previous_secret),
-                r.audience, r.topic, r.reason, claim_token=token) for r in rows]
+                r.audience, r.topic, r.reason, claim_token=token) for r in rows], more
 
 
 # --- recording outcomes -----------------------------------------------------

@@ -57,6 +57,11 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
     total, in_flight, exhausted = 0, [], False
     try:
         while True:
+            if exhausted and not in_flight:
+                # The last claim took all that was due: asking again now
+                # would cost a round trip for nothing (new events come with
+                # a fan-out task of their own, retries with the sweep).
+                return total, False
             if not stopping() and time.monotonic() - started < budget:
                 if in_flight:
                     # While batches wait on slow receivers, new events and
@@ -69,13 +74,15 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
                     # Work for receivers whose slow lane is full here is left
                     # to processes with room (and handed back if it waits).
                     sender = _process_sender()
-                    metrics.hosts_backed_off(len(sender.slow_hosts()))
-                    jobs = claim(settings.batch_size(), sender.saturated_slow_hosts())
-                    if not jobs:
+                    if metrics.enabled():
+                        metrics.hosts_backed_off(len(sender.slow_hosts()))
+                    jobs, more = claim(settings.batch_size(), sender.saturated_slow_hosts())
+                    if jobs:
+                        in_flight.append(_send(jobs, prepare_batch(jobs)))
+                        total += len(jobs)
+                    if not more:
                         exhausted = True
                         break
-                    in_flight.append(_send(jobs, prepare_batch(jobs)))
-                    total += len(jobs)
             if not in_flight:
                 if stopping() and not exhausted:
                     log.info("stopping: %d attempt(s) made and recorded, the rest "

@@ -233,6 +233,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
             as_of = None if now is not None and seen == _visibility_key(now) else state
             judged[seen] = audience.may_read(reader, action, object_id, package_id,
                                              state=as_of)
+            if as_of is None:  # as it is now: what the delivery checks again
+                audience.remember(event.id, key, action, object_id, judged[seen])
         return judged[seen]
 
     vb = judge_before and visible(before)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import time
 import traceback
 from typing import Any, Optional
 
@@ -109,7 +108,8 @@ def _prepare(jobs: list[Job]) -> list[Job]:
                 job.drop = "reader_changed"
                 continue
             check = _access_check(event, job.topic)
-            if check is not None and not _may_still_read(reader, key, event, check):
+            if check is not None and not audience.may_still_read(
+                    reader, key, event.id, check[0], check[1], event.package_id):
                 job.drop = "not_visible"
                 continue
             envelope = _envelope(event, key, job.topic, job.reason)
@@ -138,27 +138,6 @@ def _readers_now(jobs: list[Job]) -> dict[str, tuple[str, bool]]:
           FROM webhooks w WHERE w.id = ANY(:ids)
     """), {"ids": list({job.hook_id for job in jobs})}).all()
     return {row.id: (row.audience, row.active) for row in rows}
-
-
-ACCESS_CHECK_TTL = 1.0  # seconds an access check at delivery is reused for
-_access_checks: "collections.OrderedDict[tuple, tuple[bool, float]]" = \
-    collections.OrderedDict()
-
-
-def _may_still_read(reader: str, key: str, event, check: tuple[str, str]) -> bool:
-    """May the reader still see what this delivery shows? Judged by CKAN's
-    authorization at most ACCESS_CHECK_TTL ago: consecutive batches of one
-    event share the answer instead of asking once per batch and audience."""
-    cache_key = (event.id, key, check)
-    cached = _access_checks.get(cache_key)
-    if cached is not None and cached[1] > time.monotonic():
-        return cached[0]
-    allowed = audience.may_read(reader, check[0], check[1], event.package_id)
-    _access_checks[cache_key] = (allowed, time.monotonic() + ACCESS_CHECK_TTL)
-    _access_checks.move_to_end(cache_key)
-    while len(_access_checks) > 4096:
-        _access_checks.popitem(last=False)
-    return allowed
 
 
 def _access_check(event, topic: str) -> Optional[tuple[str, str]]:
