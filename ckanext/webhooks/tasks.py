@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import math
 
+from ckan import model
+
 from . import dispatcher, maintenance, settings
 from .celery_app import DRAIN, FANOUT, PRUNE, SWEEP, celery, send_drain, send_fanout
 from .delivery_queue import due_count
@@ -37,7 +39,11 @@ def fanout() -> int:
 
 
 def _fanout() -> int:
-    events, queued = fan_out()
+    # Work this process drains alone is committed by its first claim; work
+    # other processes are asked to help with must be committed before asking.
+    events, queued = fan_out(commit=False)
+    if events == FANOUT_EVENTS or _helpers_for(queued):
+        model.Session.commit()
     if events == FANOUT_EVENTS:  # more may be waiting
         try:
             send_fanout()
@@ -47,6 +53,7 @@ def _fanout() -> int:
         _ask(_helpers_for(queued))
     # Also what a redelivery (queued without a new event) is waiting for.
     done, more = dispatcher.drain()
+    model.Session.commit()  # the fan-out, if the drain claimed nothing (stopping)
     if events or done:
         log.info("fanned out %d event(s): %d deliveries queued, %d attempted here",
                  events, queued, done)
