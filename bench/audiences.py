@@ -110,9 +110,9 @@ from pathlib import Path
 import ckanapi
 import sqlalchemy as sa
 
-from benchlib import (BENCH_INI, CKAN, RECEIVER_HOST, ROOT, cpu_seconds, engine, ini_with,
-                      insert_hooks, processes, receiver_call, reset_webhooks, sql, start_receiver,
-                      sysadmin_token, table, wait_count, write_result)
+from benchlib import (BENCH_INI, CKAN, RECEIVER_HOST, ROOT, SOLR_PORT, cpu_seconds, engine,
+                      ini_with, insert_hooks, processes, receiver_call, reset_webhooks, sql,
+                      start_receiver, sysadmin_token, table, wait_count, write_result)
 
 WEB_PORT, RECEIVER_PORT = 15108, 18108
 PREVIOUS = "af3f553"
@@ -382,7 +382,7 @@ def main() -> None:
     started: list = []
     runs: list[dict] = []
     try:
-        started.append(processes.start_solr_standin())
+        started.append(processes.start_solr_standin(SOLR_PORT))
         # Today's schema (the previous code runs on it too; see the docstring).
         subprocess.run([CKAN, "-c", str(BENCH_INI), "db", "upgrade", "-p", "webhooks"],
                        check=True, capture_output=True)

@@ -27,6 +27,7 @@ BENCH_INI = ROOT / "bench" / "bench.ini"
 RESULTS = ROOT / "bench" / "results"
 DB_URL = "postgresql://ckan_webhooks:ckan_webhooks@127.0.0.1:5432/ckanext_webhooks_bench"
 RECEIVER_HOST = "127.0.0.2"
+SOLR_PORT = 18982  # bench.ini's solr_url: not the demo's (18983) nor a test run's
 CKAN = str(processes.BIN / "ckan")
 
 _engine = None
@@ -107,7 +108,7 @@ def bench_stack(web_port: int, receiver_port: Optional[int] = None,
     try:
         receiver = start_receiver(receiver_port) if receiver_port else None
         started.append(receiver)
-        started.append(processes.start_solr_standin())
+        started.append(processes.start_solr_standin(SOLR_PORT))
         web = processes.start_ckan(ini, web_port)
         started.append(web)
         worker = processes.start_worker(ini, concurrency=None, name=worker_name)

@@ -18,7 +18,7 @@ import uuid
 
 import ckanapi
 
-from benchlib import (RECEIVER_HOST, ini_with, insert_hooks, processes, receiver_call,
+from benchlib import (RECEIVER_HOST, SOLR_PORT, ini_with, insert_hooks, processes, receiver_call,
                     reset_webhooks, rss_of_tree, start_receiver, sql, sysadmin_token, table,
                     wait_count, write_result)
 
@@ -92,7 +92,7 @@ def main() -> None:
         "asyncio": {"curve": [args.hooks]},
     }
     reset_webhooks()  # no events left over by another benchmark
-    solr = processes.start_solr_standin()
+    solr = processes.start_solr_standin(SOLR_PORT)
     web = processes.start_ckan(ini, WEB_PORT)
     worker = processes.start_worker(ini, concurrency=None, name="bench-worker")
     results = {}

@@ -27,13 +27,13 @@ import fanout_senders
 from fanout_senders import measured, prepare_database, sysadmin_token, tree_cpu
 
 DB = "ckanext_webhooks_bench_workers"
-WEB_PORT, SOLR_PORT, RECEIVER_PORT = 15195, 18985, 18195
+WEB_PORT, SOLR_PORT, RECEIVER_PORT = 15195, 18981, 18195
 benchlib.DB_URL = f"postgresql://ckan_webhooks:ckan_webhooks@127.0.0.1:5432/{DB}"
 fanout_senders.RECEIVER_PORT = RECEIVER_PORT
 fanout_senders.DB, fanout_senders.SOLR_PORT = DB, SOLR_PORT  # its prepare_database's
 OVERRIDES = {
     "sqlalchemy.url": benchlib.DB_URL,
-    "ckan.redis.url": "redis://127.0.0.1:6379/14",
+    "ckan.redis.url": "redis://127.0.0.1:6379/1",
     "ckan.site_url": f"http://127.0.0.1:{WEB_PORT}",
     "solr_url": f"http://127.0.0.1:{SOLR_PORT}/solr/ckan",
     "ckanext.webhooks.celery.queue": "ckanext_webhooks_bench_workers",

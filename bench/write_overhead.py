@@ -22,8 +22,8 @@ import uuid
 
 import ckanapi
 
-from benchlib import (cpu_seconds, ini_with, insert_hooks, processes, reset_webhooks, summary,
-                      sysadmin_token, table, write_result)
+from benchlib import (SOLR_PORT, cpu_seconds, ini_with, insert_hooks, processes, reset_webhooks,
+                      summary, sysadmin_token, table, write_result)
 
 WITH_PORT, WITHOUT_PORT = 15101, 15102
 
@@ -67,7 +67,7 @@ def main() -> None:
     with_ini = ini_with({"ckan.site_url": f"http://127.0.0.1:{WITH_PORT}"})
     without_ini = ini_with({"ckan.site_url": f"http://127.0.0.1:{WITHOUT_PORT}",
                             "ckan.plugins": ""})
-    solr = processes.start_solr_standin()
+    solr = processes.start_solr_standin(SOLR_PORT)
     rows, results = [], []
     try:
         with servers(with_ini, without_ini) as (clients, _):
