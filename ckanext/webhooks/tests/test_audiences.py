@@ -20,13 +20,14 @@ step must add (topic, ``reason``, dataset, resource); after each step it
 waits for them, fails on any missing or extra delivery at any hook, and
 compares each delivery's ``data`` with what that reader gets from the live
 action API at that moment (its own token, its own session cookie, or none).
-"Nothing arrives" rests on later events: ``Ledger.finish`` makes a fresh
-public dataset in A and G go through every topic and waits until every hook
-heard of it; the single worker fans events out and delivers them in order, so
-a hook that heard of that later dataset has heard all it ever will of the
-earlier ones. Where a hook must hear nothing at all (a deleted user's), the
-evidence is in the tables: the event was fanned out and the hook has no
-delivery, attempt or pending rendering for it.
+"Nothing arrives" rests on the tables: ``Ledger.finish`` waits until every
+event of the datasets judged is settled (fanned out, no rendering due again,
+no delivery left in the queue: tests/waiting.py ``settled``), so what the
+receiver has of them is all it will ever get; it also makes a fresh public
+dataset in A and G go through every topic and waits until every hook heard
+of it (each hook is still alive). Where a hook must hear nothing at all (a
+deleted user's), the evidence is in the tables too: the event was fanned out
+and the hook has no delivery, attempt or pending rendering for it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ import os
 import re
 import signal
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +55,7 @@ from ckan.tests import factories
 from . import processes
 from .audience_plugin import reader_label, redacted_url
 from .receiver import Receiver
+from .waiting import settled, until
 
 READERS = ("anon", "editor", "outsider", "sysadmin")
 TOPICS = ("dataset/create", "dataset/update", "dataset/delete",
@@ -86,18 +87,6 @@ def _rows(sql: str, **params) -> list:
 def _schedule() -> list[float]:
     raw = toolkit.config.get("ckanext.webhooks.retry_schedule")
     return [float(x) for x in (raw.split() if isinstance(raw, str) else raw)]
-
-
-def _poll(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    """Poll until predicate() is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what} (last: {value!r})")
-        time.sleep(0.1)
 
 
 def _csrf_token(html: str) -> str:
@@ -437,10 +426,12 @@ class Ledger:
         return sync["id"]
 
     def finish(self) -> str:
-        """Nothing more arrives for the tracked datasets: a later dataset went
-        through every hook, and the counts are still those expected. Returns
-        the later dataset's id."""
+        """Nothing more arrives for the tracked datasets: every event of them
+        is settled (fanned out, no rendering due again, no delivery left in
+        the queue), a later dataset went through every hook, and the counts
+        are still those expected. Returns the later dataset's id."""
         sync_id = self.sync()
+        settled(packages=sorted(self.subjects) + [sync_id], timeout=WAIT)
         extra = {p: [_key(b) for b in self.received(p)[n:]]
                  for p, n in self.counts.items() if len(self.received(p)) != n}
         assert not extra, f"deliveries nobody expected: {extra}"
@@ -460,7 +451,7 @@ def _wait_rendering(event_id: str, audiences: set[str], state: Callable[[Any], b
         rows = _rendering(event_id)
         return rows if audiences <= set(rows) and all(state(rows[a]) for a in audiences) \
             else None
-    return _poll(ready, what, timeout)
+    return until(ready, timeout, what, interval=0.1)
 
 
 # --------------------------------------------------------------------------
@@ -818,9 +809,9 @@ def test_resource_authorization_is_checked_again_at_delivery(world):
             and r.json["data"]["name"] == "restricted-now" for r in rs), WAIT)
         # ... and the first event's retry, due while the resource is restricted,
         # is settled (its row gone) without being sent again ...
-        _poll(lambda: not _rows("SELECT 1 FROM webhooks_delivery WHERE hook_id = :h"
+        until(lambda: not _rows("SELECT 1 FROM webhooks_delivery WHERE hook_id = :h"
                                 " AND event_id = :e", h=hook, e=first["event_id"]),
-              "the failed delivery settled")
+              WAIT, "the failed delivery settled")
         # ... and the next allowed update arrives.
         admin.resource_patch(id=resource, name="data-again")
         holding.wait_for(lambda ds_: any(b["data"]["name"] == "data-again" for b, _ in ds_),

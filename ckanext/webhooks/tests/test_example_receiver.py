@@ -5,7 +5,7 @@ import base64
 import json
 import os
 import sys
-import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -13,6 +13,7 @@ import ckanapi
 import pytest
 
 from . import processes
+from .waiting import until
 
 
 @pytest.fixture
@@ -41,11 +42,8 @@ def test_example_receiver_handles_real_deliveries(worker, live_ckan, example_rec
                                       secret=secret)
     dataset = admin.action.package_create(name=f"ex-{uuid.uuid4().hex[:10]}",
                                           owner_org=organization["id"])
-    deadline = time.time() + 20
-    while not [e for e in _lines(proc) if e.get("id") == dataset["id"]]:
-        assert time.time() < deadline, proc.output()[-2000:]
-        time.sleep(0.2)
-    [event] = [e for e in _lines(proc) if e.get("id") == dataset["id"]]
+    [event] = until(lambda: [e for e in _lines(proc) if e.get("id") == dataset["id"]], 20,
+                    lambda: f"the event printed: {proc.output()[-2000:]}")
     assert event["received"] == "dataset/create" and event["webhook_id"] == hook
     assert {"verification": "dataset/create"} in _lines(proc)
 

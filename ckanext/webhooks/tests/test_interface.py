@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
 import ckanapi
 import jsonschema
 
+from . import processes
+from .test_operations import _scrape
+from .waiting import settled, until
+
 SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.json").read_text())
 
 
 def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiver,
                                                            sysadmin_token, organization):
+    metrics = processes.free_port()
     url, _, _ = private_stack({"ckan.plugins": "webhooks webhooks_test_plugin",
+                               "ckanext.webhooks.metrics_port": str(metrics),
                                "ckanext.webhooks.celery.queue": f"iface-{uuid.uuid4().hex[:6]}"})
     anon = ckanapi.RemoteCKAN(url)
     admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"])
@@ -33,7 +38,14 @@ def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiv
                       >= {"organization/update", "dataset/create"})
     [org_star] = receiver.wait_count("/orgs", 1)
     assert org_star.json["topic"] == "organization/update"
-    time.sleep(1)
+    # Both events are settled: the vetoed hook's delivery was queued with the
+    # others and dropped by the veto (withheld: no request, no attempt).
+    settled(events=[org_event.json["event_id"], ds_event.json["event_id"]])
+    withheld = ("ckanext_webhooks_deliveries_total",
+                (("outcome", "withheld"), ("topic", "organization/update")))
+    # (The metrics move right after the commit that settled them.)
+    counted = until(lambda: _scrape(metrics).get(withheld), 10, "the withheld delivery counted")
+    assert counted == 1
     body = org_event.json
     jsonschema.validate(body, SCHEMA)
     assert body["topic"] == "organization/update"

@@ -21,7 +21,7 @@ from standardwebhooks.webhooks import Webhook as Verifier, WebhookVerificationEr
 from ckan import model
 
 from . import processes
-from .waiting import until
+from .waiting import settled, until
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
 
@@ -80,13 +80,16 @@ class TestTopics:
         received = receiver.wait_count("/every", 3)
         assert [r.json["topic"] for r in received] == [
             "dataset/create", "dataset/update", "dataset/delete"]
-        two = receiver.wait_count("/two", 2)
-        assert [r.json["topic"] for r in two] == ["dataset/create", "dataset/delete"]
-        # The update was fanned out (the wildcard hook got it) and the log of
-        # the two-topic hook holds no attempt of it.
-        assert _fanned_out(dataset["id"]) == 3
-        logged = _wait_until(lambda: anon.action.webhook_deliveries(id=hook)
-                             if len(anon.action.webhook_deliveries(id=hook)) == 2 else None)
+        receiver.wait_count("/two", 2)
+        # All three events are settled (the update too: the wildcard hook got
+        # it): the two-topic hook got, and its log holds, the create and the
+        # delete alone.
+        assert len(settled(packages=[dataset["id"]])) == 3
+        assert [r.json["topic"] for r in receiver.on("/two")] == ["dataset/create",
+                                                                  "dataset/delete"]
+        assert [r.json["topic"] for r in receiver.on("/every")] == [
+            "dataset/create", "dataset/update", "dataset/delete"]
+        logged = anon.action.webhook_deliveries(id=hook)
         assert sorted(a["topic"] for a in logged) == ["dataset/create", "dataset/delete"]
 
     def test_resource_wildcard_hears_resources_only(self, anon, admin, receiver, organization):
@@ -97,12 +100,12 @@ class TestTopics:
                                                 url="http://a.test/r.csv")
         receiver.wait_count("/res", 1)  # (as for datasets: let the create arrive first)
         admin.action.resource_delete(id=resource["id"])
-        received = receiver.wait_count("/res", 2)
-        assert [r.json["topic"] for r in received] == ["resource/create", "resource/delete"]
-        everything = receiver.wait_for(
-            lambda rs: {r.json["topic"] for r in rs if r.path == "/all"}
-            >= {"dataset/create", "resource/create", "resource/delete"})
-        assert {r.json["topic"] for r in everything if r.path == "/all"} <= {
+        receiver.wait_count("/res", 2)
+        settled(packages=[dataset["id"]])  # all there is of them has arrived
+        assert [r.json["topic"] for r in receiver.on("/res")] == ["resource/create",
+                                                                  "resource/delete"]
+        # (A resource change is a dataset/update too.)
+        assert {r.json["topic"] for r in receiver.on("/all")} == {
             "dataset/create", "dataset/update", "resource/create", "resource/delete"}
 
     def test_overlapping_topics_on_one_address_are_refused(self, anon, receiver,
@@ -156,8 +159,10 @@ class TestUpdate:
         updated = anon.action.webhook_update(id=hook, address=receiver.url("/new"))
         assert updated["address"] == receiver.url("/new")
         assert [v.path for v in receiver.verifications] == ["/old", "/refuses", "/new"]
-        admin.action.package_create(name=_name(), owner_org=organization["id"])
-        [received] = receiver.wait_count("/new", 1)
+        dataset = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        receiver.wait_count("/new", 1)
+        settled(packages=[dataset["id"]])
+        [received] = receiver.on("/new")
         assert received.json["webhook_id"] == hook
         assert receiver.on("/old") == []
 
@@ -180,7 +185,9 @@ class TestUpdate:
         assert updated["filters"]["dataset"] == dataset["id"]
         admin.action.package_patch(id=other["id"], title="Not followed")
         admin.action.package_patch(id=dataset["id"], title="Followed")
-        [received] = receiver.wait_count("/u", 1)
+        receiver.wait_count("/u", 1)
+        settled(packages=[dataset["id"], other["id"]])
+        [received] = receiver.on("/u")
         assert received.json["topic"] == "dataset/update"
         assert received.json["data"]["id"] == dataset["id"]
         # Removing the filter: every dataset again.

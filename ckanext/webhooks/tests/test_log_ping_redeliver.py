@@ -3,8 +3,8 @@ the suite's worker and a real receiver."""
 from __future__ import annotations
 
 import base64
+import functools
 import os
-import time
 import uuid
 
 import ckanapi
@@ -15,20 +15,11 @@ from standardwebhooks.webhooks import Webhook as StandardWebhook
 from ckan import model
 
 from . import processes
+from .waiting import until
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
 
-
-
-
-def _wait(predicate, timeout=15.0):
-    deadline = time.time() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.time() < deadline, "condition not met"
-        time.sleep(0.2)
+_wait = functools.partial(until, timeout=15.0)
 
 
 @pytest.mark.usefixtures("worker")
@@ -37,6 +28,7 @@ def test_log_ping_and_redeliver(live_ckan, receiver, sysadmin_token, organizatio
     admin = ckanapi.RemoteCKAN(live_ckan, apikey=sysadmin_token["token"])
     secret = "whsec_" + base64.b64encode(os.urandom(32)).decode()
     receiver.scripts["/log"] = [500, 200]
+    receiver.delay_for["/log"] = 0.3  # each answer: the log measures it
     hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/log"),
                                       secret=secret)
     dataset = admin.action.package_create(name=f"ds-{uuid.uuid4().hex[:10]}",
@@ -44,13 +36,13 @@ def test_log_ping_and_redeliver(live_ckan, receiver, sysadmin_token, organizatio
     failed, delivered = receiver.wait_count("/log", 2, timeout=20)
 
     log = _wait(lambda: (lambda rows: rows if len(rows) == 2 else None)(
-        anon.action.webhook_deliveries(id=hook)))
+        anon.action.webhook_deliveries(id=hook)), what="both attempts in the log")
     newest, oldest = log
     assert (oldest["attempt"], oldest["status"], newest["attempt"], newest["status"]) \
         == (1, 500, 2, 200)
     assert {row["event_id"] for row in log} == {delivered.json["event_id"]}
     assert newest["topic"] == "dataset/create" and '"ok": true' in newest["response"]
-    assert newest["duration_ms"] >= 0 and newest["at"]
+    assert newest["duration_ms"] >= 300 and oldest["duration_ms"] >= 300 and newest["at"]
     assert len(anon.action.webhook_deliveries(id=hook, limit=1)) == 1
     assert anon.action.webhook_deliveries(id=hook, offset=2) == []
 
@@ -65,7 +57,8 @@ def test_log_ping_and_redeliver(live_ckan, receiver, sysadmin_token, organizatio
 
     anon.action.webhook_redeliver(id=hook, event_id=delivered.json["event_id"])
     again = _wait(lambda: [r for r in receiver.on("/log")
-                           if r.json["event_id"] == delivered.json["event_id"]][2:])
+                           if r.json["event_id"] == delivered.json["event_id"]][2:],
+                  what="the redelivery")
     assert again[0].json["data"] == delivered.json["data"]
     assert again[0].headers["webhook-id"] == delivered.headers["webhook-id"]
     assert again[0].json["data"]["id"] == dataset["id"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from ckanext.webhooks.sender import Sender
 
 from . import dns_standin as dns
 from .test_delivery import ALLOWED, RawServer, _read_request
+from .waiting import until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 RECEIVER_IP = "127.0.0.2"
@@ -185,15 +185,17 @@ def _standin_name(label: str) -> str:
     return name
 
 
-def _assert_tls_error(outcome, receiver: TLSReceiver) -> None:
+def _assert_tls_error(post, receiver: TLSReceiver) -> None:
+    """``post()`` makes one attempt: it ends as a ``tls_error`` in a handshake
+    the receiver saw fail."""
+    failed_before = len(receiver.failed_handshakes)
+    outcome = post()
     assert (outcome.status, outcome.error, outcome.body, outcome.sent) == \
         (None, "tls_error", b"", False)
     # The receiver was reached, and the sender refused it in the handshake (the
     # receiver learns of it from the sender's alert, in its own thread).
-    deadline = time.monotonic() + 5
-    while not receiver.failed_handshakes and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert receiver.failed_handshakes, "the handshake did not fail: nothing tested"
+    until(lambda: len(receiver.failed_handshakes) > failed_before, 10,
+          "the receiver to see this attempt's handshake fail", interval=0.01)
     assert receiver.requests == []  # nothing was read, so nothing was answered
 
 
@@ -238,8 +240,7 @@ def test_certificate_that_does_not_verify_fails_the_attempt(pki, tls_receiver, s
                             dns_names=[name], ips=[RECEIVER_IP], expired=case == "expired")
     one = sender()
     for host in (name, RECEIVER_IP):
-        outcome = one.post(receiver.url(host), b"{}")
-        _assert_tls_error(outcome, receiver)
+        _assert_tls_error(lambda: one.post(receiver.url(host), b"{}"), receiver)
 
 
 @pytest.mark.parametrize("case", ["other-name", "other-ip", "name-only-by-ip",
@@ -257,8 +258,8 @@ def test_certificate_for_another_name_fails_the_attempt(pki, tls_receiver, sende
         "ip-only-by-name": (dict(ips=[RECEIVER_IP]), name),
     }[case]
     receiver = tls_receiver(trusted, **cert_for)
-    outcome = sender().post(receiver.url(host), b"{}")
-    _assert_tls_error(outcome, receiver)
+    one = sender()
+    _assert_tls_error(lambda: one.post(receiver.url(host), b"{}"), receiver)
 
 
 # --- (d) the default bundle does not know the test CA -----------------------------------
@@ -271,7 +272,7 @@ def test_default_bundle_does_not_trust_the_test_ca(pki, tls_receiver, sender):
     receiver = tls_receiver(trusted, dns_names=[name], ips=[RECEIVER_IP])
     plain = sender(ca_bundle=None)
     assert plain.ca_bundle is None
-    _assert_tls_error(plain.post(receiver.url(name), b"{}"), receiver)
+    _assert_tls_error(lambda: plain.post(receiver.url(name), b"{}"), receiver)
     assert sender().post(receiver.url(name), b"{}").status == 200  # the same, trusted
 
 
