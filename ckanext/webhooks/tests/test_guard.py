@@ -73,15 +73,15 @@ def test_one_lookup_per_attempt_and_any_bad_answer_refuses(monkeypatch):
 
     def fake_getaddrinfo(host, port, *args, **kwargs):
         calls.append(host)
-        answers = ["127.0.0.2", "127.0.0.1"] if host == "rebind.example.net" else ["127.0.0.2"]
+        answers = ["127.0.0.2", "127.0.0.1"] if host == "rebind.dns-standin" else ["127.0.0.2"]
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in answers]
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
     with pytest.raises(guard.Refused):
-        guard.resolve("http://rebind.example.net/", ALLOW_TEST_RECEIVER)
-    target = guard.resolve("http://receiver.example.net:9999/", ALLOW_TEST_RECEIVER)
+        guard.resolve("http://rebind.dns-standin/", ALLOW_TEST_RECEIVER)
+    target = guard.resolve("http://receiver.dns-standin:9999/", ALLOW_TEST_RECEIVER)
     assert target.addresses == (ipaddress.ip_address("127.0.0.2"),)
-    assert target.host_header == "receiver.example.net:9999"
-    assert calls == ["rebind.example.net", "receiver.example.net"]
+    assert target.host_header == "receiver.dns-standin:9999"
+    assert calls == ["rebind.dns-standin", "receiver.dns-standin"]
 
 
 def test_https_only(monkeypatch):
