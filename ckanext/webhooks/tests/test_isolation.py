@@ -30,7 +30,7 @@ from ckan.tests import factories
 
 from . import dns_standin as dns
 from .receiver import Receiver, SilentHosts
-from .waiting import until
+from .waiting import attempt_log, until
 
 pytestmark = pytest.mark.usefixtures("no_leftover_hooks")
 
@@ -71,16 +71,9 @@ def _add_hook(address: str, host: str, dataset_id: str = None) -> str:
     return hook_id
 
 
-def _attempts(hook_id: str) -> list[tuple]:
-    with model.meta.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(sa.text(
-            "SELECT event_id, status, error FROM webhooks_attempt WHERE hook_id = :h "
-            "ORDER BY id"), {"h": hook_id})]
-
-
 def _at_least(count: int, hook_id: str):
     """The hook's logged attempts once there are ``count`` of them (else None)."""
-    rows = _attempts(hook_id)
+    rows = attempt_log(hook_id)
     return rows if len(rows) >= count else None
 
 
@@ -144,7 +137,7 @@ def test_unresolvable_names_are_retried_and_refused_names_refused(
         # will be retried): the log holds every attempt there will be.
         _wait(lambda: _at_least(2, evil_hook) and not _queued(evil_hook),
               what="two refused attempts, nothing left to retry")
-        refused = _attempts(evil_hook)
+        refused = attempt_log(evil_hook)
         assert [(status, error) for _, status, error in refused] == \
             [(None, "refused_address")] * 2
         assert len({event for event, _, _ in refused}) == 2  # one per update, not retried
@@ -177,8 +170,8 @@ def test_a_hanging_resolver_delays_only_its_own_host(private_stack, receiver, da
         assert [kind for kind, _ in dns.lookups(hangs)] == ["start"]  # still hanging
         assert not any(r.path.startswith("/hang/") for r in receiver.requests)
 
-        _wait(lambda: all(_attempts(h) for h in hanging), what="an attempt per hanging hook")
-        assert {error for h in hanging for _, _, error in _attempts(h)} == {"dns_error"}
+        _wait(lambda: all(attempt_log(h) for h in hanging), what="an attempt per hanging hook")
+        assert {error for h in hanging for _, _, error in attempt_log(h)} == {"dns_error"}
         assert [kind for kind, _ in dns.lookups(hangs)] == ["start"]  # one lookup, shared
 
         dns.answer(hangs, "127.0.0.2")  # the resolver answers at last

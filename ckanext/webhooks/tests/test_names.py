@@ -18,13 +18,10 @@ from pathlib import Path
 
 import ckanapi
 import pytest
-import sqlalchemy as sa
-
-from ckan import model
 
 from . import dns_standin as dns
 from . import processes
-from .waiting import settled
+from .waiting import attempt_log, settled
 
 METADATA = "169.254.169.254"  # link-local: cloud metadata, never an allowed network
 
@@ -62,13 +59,6 @@ def _lookups(name: str) -> list[tuple[int, str]]:
     return found
 
 
-def _attempts(hook_id: str) -> list[tuple]:
-    with model.meta.engine.connect() as conn:
-        return [tuple(row) for row in conn.execute(sa.text(
-            "SELECT event_id, status, error FROM webhooks_attempt WHERE hook_id = :h "
-            "ORDER BY id"), {"h": hook_id})]
-
-
 def test_a_name_is_resolved_checked_and_connected_to_and_a_rebound_name_is_refused(
         named_stack, receiver, sysadmin_token, organization):
     """Two hooks created through CKAN's API on two names, both resolving to
@@ -104,7 +94,7 @@ def test_a_name_is_resolved_checked_and_connected_to_and_a_rebound_name_is_refus
     admin.action.package_patch(id=dataset["id"], notes="changed")
     settled(packages=[dataset["id"]])
 
-    [(event, status, error)] = _attempts(hooks[kept])
+    [(event, status, error)] = attempt_log(hooks[kept])
     assert (status, error) == (200, None)
     [arrived] = receiver.on(f"/{kept}")
     assert arrived.json["event_id"] == event
@@ -112,7 +102,7 @@ def test_a_name_is_resolved_checked_and_connected_to_and_a_rebound_name_is_refus
     [(pid, answer)] = [(pid, answer) for pid, answer in _lookups(kept) if pid in worker.pids()]
     assert answer == receiver.host
 
-    assert _attempts(hooks[rebound]) == [(event, None, "refused_address")]
+    assert attempt_log(hooks[rebound]) == [(event, None, "refused_address")]
     assert receiver.on(f"/{rebound}") == []
     [(pid, answer)] = _lookups(rebound)[len(at_creation):]  # the worker's, at delivery
     assert pid in worker.pids() and answer == METADATA

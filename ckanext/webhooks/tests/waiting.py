@@ -60,3 +60,15 @@ def settled(packages: Iterable[str] = (), events: Iterable[str] = (),
     return until(done, timeout, lambda: (
         f"events settled (unknown: {sorted(state.get('missing', ()))}; not settled, as "
         f"(id, fanned out, rendering due, deliveries queued): {state.get('open')})"))
+
+
+def attempt_log(hook_id: str) -> list[tuple]:
+    """What the attempt log holds for one hook, oldest first: (event id,
+    status, error) per attempt, the evidence a test reads its outcome from."""
+    import sqlalchemy as sa
+    from ckan import model
+
+    with model.meta.engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text(
+            "SELECT event_id, status, error FROM webhooks_attempt WHERE hook_id = :h "
+            "ORDER BY id"), {"h": hook_id})]
