@@ -30,6 +30,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+_closed: dict[str, socket.socket] = {}
+
+
+def closed_port(host: str = "127.0.0.2") -> int:
+    """A port of ``host`` that refuses every connection, held by this process
+    for its lifetime (bound, never listening), so no other program can take
+    it: the address of a hook whose deliveries must fail to connect."""
+    if host not in _closed:
+        sock = socket.socket()
+        sock.bind((host, 0))
+        _closed[host] = sock
+    return _closed[host].getsockname()[1]
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

@@ -11,9 +11,12 @@ from ckan.tests import factories, helpers
 
 from ckanext.webhooks.model import Webhook
 
-ADDRESS = "http://127.0.0.2:8080/callback"
-# Nothing listens on ADDRESS: these tests are about the actions themselves;
-# test_security.py covers the verification handshake against real receivers.
+from .processes import closed_port
+
+ADDRESS = f"http://127.0.0.2:{closed_port()}/callback"
+# ADDRESS refuses every connection (a port the test process holds): these
+# tests are about the actions themselves; test_security.py covers the
+# verification handshake against real receivers.
 pytestmark = pytest.mark.ckan_config("ckanext.webhooks.verify_on_create", "false")
 
 

@@ -13,9 +13,11 @@ from ckan.tests import factories
 from ckanext.webhooks import fanout, ids, report
 from ckanext.webhooks.model import Webhook, WebhookEvent, utcnow
 
+from .processes import closed_port
+
 
 def _hook(topic: str) -> str:
-    hook = Webhook(id=ids.new_hook_id(), topics=[topic], address="http://127.0.0.2:9999/x",
+    hook = Webhook(id=ids.new_hook_id(), topics=[topic], address=f"http://127.0.0.2:{closed_port()}/x",
                    host="127.0.0.2", site="127.0.0.2", created=utcnow())
     model.Session.add(hook)
     model.Session.commit()

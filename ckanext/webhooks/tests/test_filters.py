@@ -11,9 +11,10 @@ import sqlalchemy as sa
 from ckan import model
 from ckan.tests import factories
 
+from .processes import closed_port
 from .waiting import settled
 
-ADDRESS = "http://127.0.0.2:9999/cb"
+ADDRESS = f"http://127.0.0.2:{closed_port()}/cb"
 
 
 def _api(app, action, data, status=None, token=None):
