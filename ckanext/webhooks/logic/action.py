@@ -26,6 +26,8 @@ def _validate(data_dict: dict[str, Any], schema_: dict, context: dict,
               topic_required: bool = False) -> dict[str, Any]:
     data, errors = toolkit.navl_validate(data_dict, schema_, context)
     unknown = {key: ["Unknown field"] for key in data.pop("__extras", {}) or {}}
+    if "__extras" in data_dict:  # navl drops a caller's own, and every unknown field with it
+        unknown["__extras"] = ["Unknown field"]
     if data.pop("__junk", None):
         errors.setdefault("__junk", ["Unexpected nested values"])
     errors.update(unknown)

@@ -15,7 +15,7 @@ import redis
 from ckan.plugins import toolkit
 from ckan.tests import factories
 
-from . import processes
+from . import hook_id_audit, processes
 from .receiver import Receiver
 
 
@@ -35,22 +35,42 @@ def pytest_configure(config):
     os.environ["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(NETGUARD), os.environ.get("PYTHONPATH")]))
     sys.path.insert(0, str(NETGUARD))
+    sys.modules.pop("sitecustomize", None)  # Debian's python3 imported its own at start-up
     import sitecustomize  # noqa: F401 - installs the guard in this process
     sitecustomize.install()
     _solr = processes.start_solr_standin(int(os.environ.get("WEBHOOKS_SOLR_PORT") or 18983))
 
 
+@pytest.hookimpl(trylast=True)  # after the session's fixtures stopped their processes
 def pytest_sessionfinish(session, exitstatus):
-    """Any attempt to reach beyond loopback fails the run, wherever it happened."""
+    """Any attempt to reach beyond loopback fails the run, wherever it happened;
+    so does a hook id this session created in any log it wrote (hook_id_audit)."""
     log = Path(os.environ.get("WEBHOOKS_NETGUARD_LOG", "/nonexistent"))
     if log.exists() and log.read_text().strip():
         sys.stderr.write("\nNETWORK GUARD: attempts to leave loopback:\n" + log.read_text())
+        session.exitstatus = 1
+    problems, summary = hook_id_audit.check()
+    sys.stderr.write(f"\n{summary}: {len(problems) or 'no'} problem(s)\n")
+    if problems:
+        sys.stderr.write("HOOK IDS IN LOGS, or not all recorded (file:line: the id's "
+                         "fingerprint):\n" + "\n".join(problems) + "\n")
         session.exitstatus = 1
 
 
 def pytest_unconfigure(config):
     if _solr is not None:
         _solr.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def audit_hook_ids():
+    """Every hook id this session creates is recorded (hook_id_audit)."""
+    hook_id_audit.start()
+
+
+@pytest.fixture(autouse=True)
+def _keep_process_log():
+    hook_id_audit.keep_process_log()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -74,17 +94,21 @@ def app(make_app, ckan_config):
 
 
 @pytest.fixture
-def clean_db(with_plugins, reset_db, migrate_db_for):
+def clean_db(with_plugins, reset_db, migrate_db_for, audit_hook_ids):
     reset_db()
     migrate_db_for("webhooks")
+    hook_id_audit.watch()  # the table may be new
+    hook_id_audit.keep_process_log()  # migrating reconfigured logging
 
 
 @pytest.fixture(scope="session")
-def webhooks_tables(reset_db):
+def webhooks_tables(reset_db, audit_hook_ids):
     """The schema exists before any long-lived process starts."""
     reset_db()
     subprocess.run([str(processes.BIN / "ckan"), "-c", str(processes.TEST_INI),
                     "db", "upgrade", "-p", "webhooks"], check=True, capture_output=True)
+    hook_id_audit.watch()  # the table may be new
+    hook_id_audit.keep_process_log()  # migrating reconfigured logging
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 stop things: RabbitMQ as the broker, and a worker killed with a retry pending."""
 from __future__ import annotations
 
-import time
+import re
 import uuid
 
 import ckanapi
 
 from . import processes
+from .waiting import until
 
 
 def _name() -> str:
@@ -18,9 +19,11 @@ def test_rabbitmq_as_the_broker(private_stack, rabbitmq, receiver, sysadmin_toke
                                 organization):
     # A long sweep interval: only the direct publish through RabbitMQ can
     # deliver within the test's time.
-    url, _, _ = private_stack({"ckanext.webhooks.broker_url": rabbitmq,
-                               "ckanext.webhooks.celery.queue": f"rabbit-{uuid.uuid4().hex[:6]}",
-                               "ckanext.webhooks.sweep_interval": "300"})
+    url, _, worker = private_stack({"ckanext.webhooks.broker_url": rabbitmq,
+                                    "ckanext.webhooks.celery.queue":
+                                        f"rabbit-{uuid.uuid4().hex[:6]}",
+                                    "ckanext.webhooks.sweep_interval": "300"})
+    assert re.search(r"transport: +amqp://", worker.output())  # RabbitMQ, not Redis
     anon = ckanapi.RemoteCKAN(url)
     admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"])
     hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/amqp"))
@@ -43,16 +46,22 @@ def test_pending_retry_survives_a_killed_worker(private_stack, receiver, sysadmi
     hook = anon.action.webhook_create(topic="dataset/create", address=receiver.url("/retry"))
     admin.action.package_create(name=_name(), owner_org=organization["id"])
     [first] = receiver.wait_count("/retry", 1)
-    time.sleep(0.5)  # the failure is recorded
+    # The failure is recorded (and the retry due 3 s later): kill the worker now.
+    until(lambda: anon.action.webhook_show(id=hook)["statistics"]["deliveries"] == 1, 10,
+          "the failed first attempt recorded")
     worker.kill()
-    assert anon.action.webhook_show(id=hook)["statistics"]["pending_deliveries"] == 1
+    assert len(receiver.on("/retry")) == 1, "retried before the kill: nothing was tested"
+    stats = anon.action.webhook_show(id=hook)["statistics"]
+    assert stats["pending_deliveries"] == 1 and stats["successes"] == 0
     replacement = processes.start_worker(ini, concurrency=1, name="worker-replacement")
     try:
         first, second = receiver.wait_count("/retry", 2, timeout=30)
         assert second.json["event_id"] == first.json["event_id"]
         assert second.headers["webhook-id"] == first.headers["webhook-id"]
-        time.sleep(1)
-        stats = anon.action.webhook_show(id=hook)["statistics"]
-        assert stats["pending_deliveries"] == 0 and stats["successes"] == 1
+        def recorded():
+            stats = anon.action.webhook_show(id=hook)["statistics"]
+            return stats if stats["pending_deliveries"] == 0 else None
+        stats = until(recorded, 15, "the retry recorded")
+        assert stats["successes"] == 1 and stats["deliveries"] == 2
     finally:
         replacement.stop()

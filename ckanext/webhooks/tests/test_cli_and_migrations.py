@@ -10,7 +10,7 @@ import ckanapi
 import pytest
 import sqlalchemy as sa
 
-from . import processes
+from . import hook_id_audit, processes
 
 CKAN = str(processes.BIN / "ckan")
 # A database of its own per CKAN version (their core schemas differ). A test
@@ -18,6 +18,10 @@ CKAN = str(processes.BIN / "ckan")
 MIGRATIONS_DB = "postgresql://ckan_webhooks:ckan_webhooks@127.0.0.1:5432/" + (
     "ckanext_webhooks_migrations_2_11" if processes.TEST_INI.name.endswith("2.11.ini")
     else "ckanext_webhooks_migrations")
+
+
+MIGRATIONS = sorted((processes.ROOT / "ckanext" / "webhooks" / "migration" / "webhooks"
+                     / "versions").glob("[0-9]*.py"))
 
 
 def _ckan(ini, *args, check=True):
@@ -44,10 +48,14 @@ def test_db_upgrade_and_downgrade_in_a_database_of_its_own():
                 "webhooks_alembic_version"} <= _tables(MIGRATIONS_DB)
         _ckan(ini, "db", "downgrade", "-p", "webhooks")
         assert _tables(MIGRATIONS_DB) <= {"webhooks_alembic_version"}
-        _ckan(ini, "db", "upgrade", "-p", "webhooks")
+        # CKAN's own check sees every migration as pending, and applies them.
+        listed = _ckan(ini, "db", "pending-migrations").stdout
+        assert f"{len(MIGRATIONS)} unapplied migrations for webhooks" in listed, listed
+        applied = _ckan(ini, "db", "pending-migrations", "--apply").stdout
+        assert f"{len(MIGRATIONS)} unapplied migrations for webhooks" in applied, applied
         assert {"webhooks", "webhooks_event", "webhooks_delivery"} <= _tables(MIGRATIONS_DB)
-        pending = _ckan(ini, "db", "pending-migrations", "--apply", check=False)
-        assert "webhooks" not in pending.stdout
+        left = _ckan(ini, "db", "pending-migrations").stdout
+        assert "webhooks" not in left and "SUCCESS" in left, left
     finally:
         ini.unlink()
 
@@ -61,6 +69,7 @@ def test_upgrade_gives_topics_and_encrypts_secrets_and_downgrade_restores_them()
     ini = processes.write_ini({"sqlalchemy.url": MIGRATIONS_DB})
     engine = sa.create_engine(MIGRATIONS_DB)
     secret, hook_id = "whsec_" + "QUJD" * 8, f"mig-{uuid.uuid4().hex}"
+    hook_id_audit.record(hook_id)  # a database of its own: no trigger records it
     try:
         _ckan(ini, "db", "init")
         _ckan(ini, "db", "downgrade", "-p", "webhooks")
@@ -130,10 +139,48 @@ def test_ckanapi_command_line_against_a_live_ckan(live_ckan, receiver):
 
 
 def test_prune_command_reports_what_it_removed(webhooks_tables):
+    """A hook a rule paused past its grace (7 days), an attempt and a
+    fanned-out event past their retention (30 days): removed and counted;
+    a healthy hook and its recent attempt stay."""
+    from ckan import model
+    from ckanext.webhooks.ids import fingerprint
+    paused, kept = f"hook-{uuid.uuid4().hex}", f"hook-{uuid.uuid4().hex}"
+    event = f"msg_{uuid.uuid4().hex}"
+    with model.meta.engine.begin() as conn:
+        conn.execute(sa.text("""
+            INSERT INTO webhooks (id, topics, address, host, site, created, active, paused_at,
+                                  pause_reason)
+            VALUES (:paused, ARRAY['dataset/create'], 'http://127.0.0.2/p', '127.0.0.2',
+                    '127.0.0.2', now() - interval '40 days', false,
+                    now() - interval '8 days', 'only failures for 5 days'),
+                   (:kept, ARRAY['dataset/create'], 'http://127.0.0.2/k', '127.0.0.2',
+                    '127.0.0.2', now() - interval '40 days', true, NULL, NULL);
+            INSERT INTO webhooks_event (id, topic, object_id, created, fanned_out)
+            VALUES (:event, 'dataset/create', 'x', now() - interval '40 days',
+                    now() - interval '31 days');
+        """), {"paused": paused, "kept": kept, "event": event})
+        old, recent = conn.execute(sa.text("""
+            INSERT INTO webhooks_attempt (hook_id, event_id, topic, at, attempt, status,
+                                          duration_ms)
+            VALUES (:kept, :event, 'dataset/create', now() - interval '31 days', 1, 200, 5),
+                   (:kept, :event, 'dataset/create', now() - interval '29 days', 2, 200, 5)
+            RETURNING id"""), {"kept": kept, "event": event}).scalars().all()
     result = _ckan(processes.TEST_INI, "webhooks", "prune")
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report) == {"paused_stale_hooks", "deleted_paused_hooks", "old_events",
                            "old_attempts"}
+    assert report["deleted_paused_hooks"] >= 1
+    assert report["old_events"] >= 1 and report["old_attempts"] >= 1
+    with model.meta.engine.connect() as conn:
+        hooks = set(conn.execute(sa.text("SELECT id FROM webhooks WHERE id IN (:p, :k)"),
+                                 {"p": paused, "k": kept}).scalars())
+        attempts = set(conn.execute(sa.text(
+            "SELECT id FROM webhooks_attempt WHERE hook_id = :k"), {"k": kept}).scalars())
+        events = conn.execute(sa.text("SELECT count(*) FROM webhooks_event WHERE id = :e"),
+                              {"e": event}).scalar()
+    assert hooks == {kept} and attempts == {recent} and events == 0
+    # Logged by its fingerprint, never by its id.
+    assert fingerprint(paused) in result.stderr and paused not in result.stdout + result.stderr
 
 
 def test_stale_hooks_are_paused_and_reported(webhooks_tables, live_ckan):
@@ -156,7 +203,9 @@ def test_stale_hooks_are_paused_and_reported(webhooks_tables, live_ckan):
     assert client.action.webhook_show(id=stale)["paused"]["by"] == "rule"
     assert client.action.webhook_show(id=fresh)["active"] is True
     assert client.action.webhook_show(id=healthy)["active"] is True
-    assert stale not in result.stdout + result.stderr  # ids never logged
+    # Logged by its fingerprint, never by its id.
+    from ckanext.webhooks.ids import fingerprint
+    assert fingerprint(stale) in result.stderr and stale not in result.stdout + result.stderr
 
 
 BAD_REMOTE = [

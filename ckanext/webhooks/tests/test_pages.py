@@ -323,14 +323,28 @@ class TestDashboard:
         assert filtered.body.count('class="webhook-row"') == 1
         assert 'data-topic="resource/update"' in filtered.body
 
-    @pytest.mark.parametrize("query", ["sort=password", "state=weird", "topic=nope",
-                                       "page=-1&sort=created", "descending=maybe"])
-    def test_bad_parameters_are_a_clear_error(self, web, sysadmin_token, query):
-        page = web.get(f"/ckan-admin/webhooks?{query}",
+    @pytest.mark.parametrize("query, field", [
+        ("sort=password", "sort"), ("state=weird", "state"), ("topic=nope", "topic")])
+    def test_bad_parameters_are_a_clear_error(self, web, sysadmin_token, query, field):
+        page = web.get(f"/ckan-admin/webhooks?{query}", status=400,
                        headers={"Authorization": sysadmin_token["token"]})
-        assert page.status_code in (200, 400)
-        if page.status_code == 400:
-            assert "Internal server error" not in page.body
+        assert f"{field}: " in unescape(page.body)  # the parameter, named
+        assert "Internal server error" not in page.body
+
+    @pytest.mark.parametrize("query", [
+        "page=-1&sort=created", "page=0", "page=abc", "page=99999999999999999999",
+        # Not "true": not descending (CKAN's boolean parameters read anything else as false).
+        "descending=maybe"])
+    def test_odd_paging_and_flags_show_the_first_page_in_order(
+            self, web, sysadmin_token, receiver, query):
+        for path in ("/first", "/second"):
+            helpers.call_action("webhook_create", topic="dataset/create",
+                                address=receiver.url(path))
+        page = web.get(f"/ckan-admin/webhooks?{query}", status=200,
+                       headers={"Authorization": sysadmin_token["token"]})
+        rows = re.findall(r'<td class="webhook-address"><a [^>]*title="([^"]+)"', page.body)
+        assert rows == [receiver.url("/first"), receiver.url("/second")]  # oldest first
+        assert "Previous" not in page.body  # the first page
 
     def test_user_input_is_escaped(self, web, sysadmin_token):
         page = web.get("/ckan-admin/webhooks?host=<script>alert(1)</script>",
@@ -373,16 +387,18 @@ def test_message_catalogue_is_current(tmp_path):
 
 
 @pytest.mark.usefixtures("clean_db", "with_plugins")
-@pytest.mark.parametrize("path", [
-    "/dataset/" + "x" * 3000 + "/webhooks/new",
-    "/dataset/%00/webhooks/new",
-    "/webhooks/%00",
-    "/webhooks/" + "%FF" * 50,
-    "/webhooks/..%2F..%2Fetc%2Fpasswd",
-    "/webhooks/x/delete",
-    "/ckan-admin/webhooks?page=99999999999999999999",
-    "/ckan-admin/webhooks?host=" + "h" * 5000,
+@pytest.mark.parametrize("path, status, shown", [
+    ("/dataset/" + "x" * 3000 + "/webhooks/new", 404, "Dataset not found"),
+    ("/dataset/%00/webhooks/new", 404, "Dataset not found"),
+    ("/webhooks/%00", 404, "Webhook not found"),
+    ("/webhooks/" + "%FF" * 50, 404, "Webhook not found"),
+    ("/webhooks/..%2F..%2Fetc%2Fpasswd", 404, "Not Found"),
+    ("/webhooks/x/delete", 404, "Webhook not found"),
+    # Out of range: the first page, and a filter that matches nothing.
+    ("/ckan-admin/webhooks?page=99999999999999999999", 200, 'id="webhooks-chart"'),
+    ("/ckan-admin/webhooks?host=" + "h" * 5000, 200, "No webhooks match."),
 ])
-def test_odd_urls_are_never_a_500(web, sysadmin_token, path):
+def test_odd_urls_are_never_a_500(web, sysadmin_token, path, status, shown):
     page = web.get(path, headers={"Authorization": sysadmin_token["token"]})
-    assert page.status_code in (200, 400, 404), (path[:80], page.status_code)
+    assert page.status_code == status, (path[:80], page.status_code)
+    assert shown in page.body, (path[:80], page.body[:500])
