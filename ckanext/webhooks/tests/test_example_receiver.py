@@ -12,6 +12,8 @@ import uuid
 import ckanapi
 import pytest
 
+from ckanext.webhooks.ids import fingerprint
+
 from . import processes
 from .waiting import until
 
@@ -44,7 +46,7 @@ def test_example_receiver_handles_real_deliveries(worker, live_ckan, example_rec
                                           owner_org=organization["id"])
     [event] = until(lambda: [e for e in _lines(proc) if e.get("id") == dataset["id"]], 20,
                     lambda: f"the event printed: {proc.output()[-2000:]}")
-    assert event["received"] == "dataset/create" and event["webhook_id"] == hook
+    assert event["received"] == "dataset/create" and event["hook"] == fingerprint(hook)
     assert {"verification": "dataset/create"} in _lines(proc)
 
     # A retry of that delivery (same webhook-id) is acknowledged, not printed twice.

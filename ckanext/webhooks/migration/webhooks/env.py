@@ -3,7 +3,6 @@
 from __future__ import with_statement
 from alembic import context
 from sqlalchemy import engine_from_config, pool
-from logging.config import fileConfig
 from ckan.model.meta import metadata
 
 import os
@@ -13,9 +12,9 @@ import os
 # access to the values within the .ini file in use.
 config = context.config
 
-# Interpret the config file for Python logging.
-# This line sets up loggers basically.
-fileConfig(config.config_file_name)
+# No fileConfig(alembic.ini) here (CKAN core's own env.py leaves it out too):
+# it would replace the logging of the process that migrates (``ckan db
+# upgrade``, the tests) and silence the extension's loggers in it.
 
 # add your model's MetaData object here
 # for 'autogenerate' support
