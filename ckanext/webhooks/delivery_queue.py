@@ -258,6 +258,32 @@ def _retry_delay(job: Job, schedule: list[float]) -> float:
 
 
 def record(jobs: list[Job]) -> None:
+    """:func:`record_once`, tried again while the database is away (a restart,
+    a fail-over) for up to ``RECORD_SLACK`` seconds. The batch's lease is
+    still renewed meanwhile, so its outcomes land as this worker's once the
+    database is back, instead of the lease running out and the deliveries,
+    already made, being sent again."""
+    deadline = time.monotonic() + RECORD_SLACK
+    pause = 0.25
+    while True:
+        try:
+            record_once(jobs)
+            return
+        except sa.exc.DBAPIError as error:
+            try:
+                model.Session.rollback()
+            except Exception:  # noqa: BLE001 - the connection is gone; the retry reconnects
+                pass
+            lost = error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
+            if not lost or time.monotonic() + pause > deadline:
+                raise
+            log.warning("could not record %d outcome(s): the database is away (%s); "
+                        "trying again", len(jobs), type(error.orig).__name__)
+            time.sleep(pause)
+            pause = min(2 * pause, 4.0)
+
+
+def record_once(jobs: list[Job]) -> None:
     """Record one claimed batch's outcomes in one transaction, as far as this
     worker still holds it: rows whose claim token changed were taken over by
     another worker (this one's lease ran out) and are left to it, as are their

@@ -11,6 +11,10 @@ import threading
 import time
 from typing import Optional
 
+import sqlalchemy as sa
+
+from ckan import model
+
 from . import metrics, settings
 from .delivery_queue import Job, claim, hand_back, leases, record
 from .fanout import fan_out
@@ -54,40 +58,36 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
     Returns (attempts made, whether due work may remain).
     """
     started = time.monotonic()
-    total, in_flight, exhausted = 0, [], False
+    total, in_flight, exhausted, database_away = 0, [], False, False
     try:
         while True:
             if exhausted and not in_flight:
                 # The last claim took all that was due: asking again now
                 # would cost a round trip for nothing (new events come with
                 # a fan-out task of their own, retries with the sweep).
-                return total, False
-            if not stopping() and time.monotonic() - started < budget:
-                if in_flight:
-                    # While batches wait on slow receivers, new events and
-                    # newly due work go out beside them, not after them.
-                    fan_out()
-                exhausted = False
-                while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
-                        len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS
-                        and _process_sender().free_capacity() > 0):
-                    # Work for receivers whose slow lane is full here is left
-                    # to processes with room (and handed back if it waits).
-                    sender = _process_sender()
-                    if metrics.enabled():
-                        metrics.hosts_backed_off(len(sender.slow_hosts()))
-                    jobs, more = claim(settings.batch_size(), sender.saturated_slow_hosts())
-                    if jobs:
-                        in_flight.append(_send(jobs, prepare_batch(jobs)))
-                        total += len(jobs)
-                    if not more:
-                        exhausted = True
-                        break
+                return total, database_away
+            if not (database_away or stopping()) and time.monotonic() - started < budget:
+                try:
+                    exhausted = _take_more(in_flight)
+                except sa.exc.DBAPIError as error:
+                    # The database is away (a restart, a fail-over): the
+                    # batches on the wire are still finished and recorded
+                    # (record waits for it), then a later drain goes on.
+                    if not in_flight or not _connection_lost(error):
+                        raise
+                    try:
+                        model.Session.rollback()
+                    except Exception:  # noqa: BLE001 - the connection is gone; record reconnects
+                        pass
+                    log.warning("could not look for more work: the database is away (%s); "
+                                "finishing the %d batch(es) on the wire first",
+                                type(error.orig).__name__, len(in_flight))
+                    exhausted = database_away = True
             if not in_flight:
                 if stopping() and not exhausted:
                     log.info("stopping: %d attempt(s) made and recorded, the rest "
                              "left to other workers", total)
-                return total, not exhausted
+                return total, not exhausted or database_away
             futures = [f for _, _, f in in_flight if f is not None]
             if futures:
                 concurrent.futures.wait(futures, timeout=POLL_SECONDS,
@@ -96,6 +96,7 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
                 _finish(*batch)
                 in_flight.remove(batch)
                 leases.release(batch[0][0].claim_token)
+                total += len(batch[0])
     except BaseException as error:
         if in_flight and not isinstance(error, Exception):
             # Made to stop at once (a second SIGTERM): what is not recorded
@@ -108,6 +109,33 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
         raise
     finally:  # whatever is left unrecorded is not renewed: its lease runs out
         leases.release(*(b[0][0].claim_token for b in in_flight))
+
+
+def _take_more(in_flight: list) -> bool:
+    """Claim, prepare and hand to the sender more batches while there is room;
+    returns whether the queue had no more for this process."""
+    if in_flight:
+        # While batches wait on slow receivers, new events and newly due
+        # work go out beside them, not after them.
+        fan_out()
+    while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
+            len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS
+            and _process_sender().free_capacity() > 0):
+        # Work for receivers whose slow lane is full here is left to
+        # processes with room (and handed back if it waits).
+        sender = _process_sender()
+        if metrics.enabled():
+            metrics.hosts_backed_off(len(sender.slow_hosts()))
+        jobs, more = claim(settings.batch_size(), sender.saturated_slow_hosts())
+        if jobs:
+            in_flight.append(_send(jobs, prepare_batch(jobs)))
+        if not more:
+            return True
+    return False
+
+
+def _connection_lost(error: "sa.exc.DBAPIError") -> bool:
+    return error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
 
 
 def _send(jobs: list[Job], sendable: list[Job]):
