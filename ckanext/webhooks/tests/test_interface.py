@@ -18,7 +18,7 @@ SCHEMA = json.loads((Path(__file__).parents[1] / "schemas" / "payload.schema.jso
 def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiver,
                                                            sysadmin_token, organization):
     metrics = processes.free_port()
-    url, _, _ = private_stack({"ckan.plugins": "webhooks webhooks_test_plugin",
+    url, _, worker = private_stack({"ckan.plugins": "webhooks webhooks_test_plugin",
                                "ckanext.webhooks.metrics_port": str(metrics),
                                "ckanext.webhooks.celery.queue": f"iface-{uuid.uuid4().hex[:6]}"})
     anon = ckanapi.RemoteCKAN(url)
@@ -43,7 +43,9 @@ def test_a_plugin_adds_a_topic_changes_payloads_and_vetoes(private_stack, receiv
     settled(events=[org_event.json["event_id"], ds_event.json["event_id"]])
     withheld = ("ckanext_webhooks_deliveries_total",
                 (("outcome", "withheld"), ("topic", "organization/update")))
-    # (The metrics move right after the commit that settled them.)
+    # (The metrics move right after the commit that settled them.) Scraped
+    # from this worker's port: its process tree listens there, nobody else.
+    until(lambda: processes.owns_port(worker.proc.pid, metrics), 30, "the worker's metrics port")
     counted = until(lambda: _scrape(metrics).get(withheld), 10, "the withheld delivery counted")
     assert counted == 1
     body = org_event.json

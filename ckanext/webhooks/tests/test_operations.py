@@ -238,6 +238,8 @@ def test_metrics_move_as_deliveries_happen(private_stack, receiver, dataset):
         "ckanext.webhooks.celery.queue": f"ops-{uuid.uuid4().hex[:6]}"}, web=False)
     ok, failing = _hook(receiver, "/ok"), _hook(receiver, "/down")
     receiver.scripts["/down"] = [503]
+    # What is scraped is this worker's: it (its process tree) listens there, nobody else.
+    _until(lambda: processes.owns_port(worker.proc.pid, port), what="the worker's metrics port")
     before = _scrape(port)
     success = ("ckanext_webhooks_deliveries_total",
                (("outcome", "success"), ("topic", "dataset/update")))
