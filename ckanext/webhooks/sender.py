@@ -835,6 +835,8 @@ class Sender:
                 import certifi
                 cafile = certifi.where()
             self._ssl = ssl.create_default_context(cafile=cafile)
+            # Upstream Python's default, which Debian's python3 leaves to OpenSSL's.
+            self._ssl.minimum_version = max(self._ssl.minimum_version, ssl.TLSVersion.TLSv1_2)
         return self._ssl
 
 
