@@ -6,6 +6,9 @@ import re
 import uuid
 
 import ckanapi
+import sqlalchemy as sa
+
+from ckan import model
 
 from . import processes
 from .waiting import until
@@ -38,8 +41,9 @@ def test_pending_retry_survives_a_killed_worker(private_stack, receiver, sysadmi
                                                 organization):
     receiver.scripts["/retry"] = [503, 200]
     overrides = {"ckanext.webhooks.celery.queue": f"kill-{uuid.uuid4().hex[:6]}",
-                 # first retry 3 s after the failure: time enough to kill the worker
-                 "ckanext.webhooks.retry_schedule": "0 3 3 3"}
+                 # first retry 8 s after the failure: time enough to kill the
+                 # worker before it claims the retry, even on a loaded machine
+                 "ckanext.webhooks.retry_schedule": "0 8 3 3"}
     url, ini, worker = private_stack(overrides)
     anon = ckanapi.RemoteCKAN(url)
     admin = ckanapi.RemoteCKAN(url, apikey=sysadmin_token["token"])
@@ -50,7 +54,12 @@ def test_pending_retry_survives_a_killed_worker(private_stack, receiver, sysadmi
     until(lambda: anon.action.webhook_show(id=hook)["statistics"]["deliveries"] == 1, 10,
           "the failed first attempt recorded")
     worker.kill()
-    assert len(receiver.on("/retry")) == 1, "retried before the kill: nothing was tested"
+    with model.meta.engine.connect() as conn:
+        claimed = conn.execute(sa.text(
+            "SELECT count(*) FROM webhooks_delivery "
+            "WHERE hook_id = :h AND claim_token IS NOT NULL"), {"h": hook}).scalar()
+    assert claimed == 0 and len(receiver.on("/retry")) == 1, \
+        "the retry was claimed before the kill: nothing was tested"
     stats = anon.action.webhook_show(id=hook)["statistics"]
     assert stats["pending_deliveries"] == 1 and stats["successes"] == 0
     replacement = processes.start_worker(ini, concurrency=1, name="worker-replacement")
