@@ -40,8 +40,11 @@ def _validate(data_dict: dict[str, Any], schema_: dict, context: dict,
 
 
 def _get(hook_id: str, lock: bool = False) -> Webhook:
+    # Always as the database has it now: a hook already in this session's
+    # identity map would otherwise come back with the statistics it had then
+    # (beside a pending count that is read fresh).
     hook = model.Session.get(Webhook, hook_id, with_for_update=lock or None,
-                             populate_existing=lock)
+                             populate_existing=True)
     if hook is None:
         raise toolkit.ObjectNotFound("Webhook not found")
     return hook

@@ -69,8 +69,9 @@ def test_pending_retry_survives_a_killed_worker(private_stack, receiver, sysadmi
         assert second.headers["webhook-id"] == first.headers["webhook-id"]
         def recorded():
             stats = anon.action.webhook_show(id=hook)["statistics"]
-            return stats if stats["pending_deliveries"] == 0 else None
-        stats = until(recorded, 15, "the retry recorded")
+            return stats if stats["pending_deliveries"] == 0 and stats["successes"] else None
+        stats = until(recorded, 15, lambda: f"the retry recorded as a success: "
+                      f"{anon.action.webhook_show(id=hook)['statistics']}")
         assert stats["successes"] == 1 and stats["deliveries"] == 2
     finally:
         replacement.stop()
