@@ -270,17 +270,26 @@ def record(jobs: list[Job]) -> None:
             record_once(jobs)
             return
         except sa.exc.DBAPIError as error:
-            try:
-                model.Session.rollback()
-            except Exception:  # noqa: BLE001 - the connection is gone; the retry reconnects
-                pass
-            lost = error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
-            if not lost or time.monotonic() + pause > deadline:
+            rollback_quietly()
+            if not connection_lost(error) or time.monotonic() + pause > deadline:
                 raise
             log.warning("could not record %d outcome(s): the database is away (%s); "
                         "trying again", len(jobs), type(error.orig).__name__)
             time.sleep(pause)
             pause = min(2 * pause, 4.0)
+
+
+def connection_lost(error: sa.exc.DBAPIError) -> bool:
+    """The database went away (a restart, a fail-over), rather than refused the statement."""
+    return error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
+
+
+def rollback_quietly() -> None:
+    """End the session's transaction; with the connection gone, the next use reconnects."""
+    try:
+        model.Session.rollback()
+    except Exception:  # noqa: BLE001 - the connection is gone already
+        pass
 
 
 def record_once(jobs: list[Job]) -> None:

@@ -13,10 +13,9 @@ from typing import Optional
 
 import sqlalchemy as sa
 
-from ckan import model
-
 from . import metrics, settings
-from .delivery_queue import Job, claim, hand_back, leases, record
+from .delivery_queue import (Job, claim, connection_lost, hand_back, leases, record,
+                             rollback_quietly)
 from .fanout import fan_out
 from .ids import fingerprint
 from .prepare import prepare_batch
@@ -73,12 +72,9 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
                     # The database is away (a restart, a fail-over): the
                     # batches on the wire are still finished and recorded
                     # (record waits for it), then a later drain goes on.
-                    if not in_flight or not _connection_lost(error):
+                    if not in_flight or not connection_lost(error):
                         raise
-                    try:
-                        model.Session.rollback()
-                    except Exception:  # noqa: BLE001 - the connection is gone; record reconnects
-                        pass
+                    rollback_quietly()
                     log.warning("could not look for more work: the database is away (%s); "
                                 "finishing the %d batch(es) on the wire first",
                                 type(error.orig).__name__, len(in_flight))
@@ -132,10 +128,6 @@ def _take_more(in_flight: list) -> bool:
         if not more:
             return True
     return False
-
-
-def _connection_lost(error: "sa.exc.DBAPIError") -> bool:
-    return error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
 
 
 def _send(jobs: list[Job], sendable: list[Job]):
