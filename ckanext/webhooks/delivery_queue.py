@@ -54,7 +54,8 @@ PREPARE_LIMIT = 120.0
 RECORD_SLACK = 30.0
 
 
-def _hold_limit() -> float:
+def hold_limit() -> float:
+    """Seconds a batch may be held, from its claim to its outcomes recorded."""
     return PREPARE_LIMIT + 2 * settings.timeout() + RECORD_SLACK
 
 
@@ -71,7 +72,7 @@ class Leases:
 
     def hold(self, token: str, lease: float) -> None:
         with self._lock:
-            self._until[token] = time.monotonic() + _hold_limit()
+            self._until[token] = time.monotonic() + hold_limit()
             self._lease = lease
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True,
@@ -115,9 +116,15 @@ _OWNED = """(SELECT event_id, hook_id FROM webhooks_delivery
 
 def renew(tokens: list[str], lease: float) -> int:
     """Move the lease end of the rows still carrying these tokens to ``lease``
-    seconds from now, in a transaction of its own; returns the rows renewed.
-    Rows another transaction is recording are skipped (never waited for)."""
-    with model.meta.engine.begin() as conn:
+    seconds from now; returns the rows renewed. Rows another transaction is
+    recording are skipped (never waited for).
+
+    One statement in autocommit: its row locks end with the statement, on the
+    server, whatever becomes of this process. A process frozen between an
+    ``UPDATE`` and its ``COMMIT`` would hold them until its connection died,
+    and no other worker could take its deliveries over (``SKIP LOCKED``)."""
+    with model.meta.engine.connect().execution_options(
+            isolation_level="AUTOCOMMIT") as conn:
         return conn.execute(sa.text(f"""
             UPDATE webhooks_delivery d SET due = now() + make_interval(secs => :lease)
               FROM {_OWNED.format(skip=" SKIP LOCKED")} o

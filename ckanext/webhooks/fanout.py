@@ -131,7 +131,7 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
              else DATASET_PATTERNS, "pkg": event.package_id,
              "org_before": (before or {}).get("owner_org"), "org_after": after.get("owner_org"),
              "groups_before": groups_before, "groups_after": groups_after, "only": only,
-             "hook": hook_id}
+             "hook": hook_id, "event_created": event.created}
     audiences = model.Session.execute(sa.text(f"""
         SELECT audience, array_agg(DISTINCT t) AS topics
           FROM ({_HOOKS}) h, unnest(h.topics) t
@@ -188,9 +188,10 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
            "before_state": (before or {}).get("state")}).rowcount
 
 
-# The hooks that may hear an event: active, a topic that may match, reader
-# still active, and the hook's filters match the dataset as it was before or
-# as it is after.
+# The hooks that may hear an event: created before it happened (a hook made
+# while the event waited for its fan-out was not there when it happened),
+# active, a topic that may match, reader still active, and the hook's filters
+# match the dataset as it was before or as it is after.
 _FILTER = """((w.dataset_id IS NULL OR w.dataset_id = :pkg)
       AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{0} AS text))
       AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups_{0} AS text[]))))"""
@@ -198,7 +199,7 @@ _HOOKS = f"""
     SELECT w.id, w.topics, {audience.AUDIENCE_SQL} AS audience,
            {_FILTER.format("before")} AS mb, {_FILTER.format("after")} AS ma
       FROM webhooks w
-     WHERE w.topics && CAST(:patterns AS text[])
+     WHERE w.topics && CAST(:patterns AS text[]) AND w.created <= :event_created
        AND (w.active OR w.id = CAST(:hook AS text)) AND {audience.READER_ACTIVE_SQL}
        AND ({_FILTER.format("before")} OR {_FILTER.format("after")})
        AND (CAST(:only AS text) IS NULL OR {audience.AUDIENCE_SQL} = :only)
@@ -293,7 +294,7 @@ def _fan_out_plugin_event(event: WebhookEvent, hook_id: Optional[str] = None,
         INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic)
         SELECT :event_id, w.id, 0, now() + make_interval(secs => :delay),
                {audience.AUDIENCE_SQL}, :topic FROM webhooks w
-         WHERE w.topics && CAST(:patterns AS text[])
+         WHERE w.topics && CAST(:patterns AS text[]) AND w.created <= :event_created
            AND (w.active OR w.id = CAST(:hook AS text)) AND {audience.READER_ACTIVE_SQL}
            AND (CAST(:hook AS text) IS NULL OR w.id = :hook)
            AND (w.dataset_id IS NULL OR w.dataset_id = :package_id)
@@ -301,6 +302,7 @@ def _fan_out_plugin_event(event: WebhookEvent, hook_id: Optional[str] = None,
            AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups AS text[])))
         ON CONFLICT DO NOTHING
     """), {"event_id": event.id, "topic": event.topic, "hook": hook_id, "delay": delay,
+           "event_created": event.created,
            "patterns": topics.patterns_for(event.topic), "package_id": event.package_id,
            "owner_org": known.get("owner_org"), "groups": _groups(event.package_id)}
     ).rowcount

@@ -13,12 +13,14 @@ import os
 import tempfile
 from typing import Any
 
+import sqlalchemy as sa
 from celery import signals
 
 from ckan import model
 
 from . import metrics, shutdown, tasks  # noqa: F401 - tasks registers the Celery tasks
 from .celery_app import celery, queue_name, use_flask_app
+from .delivery_queue import hold_limit
 from .listener import OutboxListener
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,28 @@ def _announce_ready(**_: Any) -> None:
     log.info("ckanext-webhooks worker ready, consuming %s", queue_name())
 
 
+def _end_abandoned_transactions() -> None:
+    """A worker process that hangs or is frozen inside a transaction would hold
+    its row locks for as long as its connection lives, and deliveries it had
+    locked could never be taken over (claims skip locked rows). No transaction
+    of a worker waits on its client longer than a batch may be held, so the
+    server ends any that does, and its locks with it."""
+    if not sa.event.contains(model.meta.engine, "connect", limit_idle_transactions):
+        sa.event.listen(model.meta.engine, "connect", limit_idle_transactions)
+
+
+def limit_idle_transactions(dbapi_connection: Any, _: Any) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET idle_in_transaction_session_timeout = %s",
+                       (int(hold_limit() * 1000),))
+    dbapi_connection.commit()  # a SET in a transaction rolled back would not hold
+
+
 def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
                loglevel: str, pool: str | None = None) -> None:
     """Start a Celery worker consuming the webhooks queue (blocks)."""
     use_flask_app(flask_app)
+    _end_abandoned_transactions()
     metrics.prepare_worker()  # before the pool forks and anything imports prometheus_client
     metrics.serve()
     celery.steps["consumer"].add(OutboxListener)

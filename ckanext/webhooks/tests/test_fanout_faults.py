@@ -72,3 +72,28 @@ def _new_update_event(dataset) -> str:
     model.Session.commit()
     (new,) = {e.id for e in model.Session.query(WebhookEvent)} - before
     return new
+
+
+# The suite's shared worker is frozen: the event waits for its fan-out while
+# a hook is created, as it may on a busy portal.
+@pytest.mark.usefixtures("clean_db", "with_plugins", "only_my_workers")
+def test_a_hook_made_while_an_event_waits_for_its_fan_out_does_not_hear_it():
+    org = factories.Organization(image_url="")
+    before = _hook("dataset/update")
+    dataset = factories.Dataset(owner_org=org["id"])
+    model.Session.execute(sa.text("UPDATE webhooks_event SET fanned_out = now()"))
+    model.Session.commit()
+    event = _new_update_event(dataset)
+    after = _hook("dataset/update")
+
+    assert fanout.fan_out() == (1, 1)
+    queued = model.Session.execute(sa.text(
+        "SELECT hook_id FROM webhooks_delivery WHERE event_id = :e"), {"e": event}
+    ).scalars().all()
+    assert queued == [before]
+    # The next event is the new hook's business.
+    later = _new_update_event(dataset)
+    assert fanout.fan_out() == (1, 2)
+    assert sorted(model.Session.execute(sa.text(
+        "SELECT hook_id FROM webhooks_delivery WHERE event_id = :e"), {"e": later}
+    ).scalars().all()) == sorted([before, after])

@@ -82,6 +82,12 @@ def _claim_tokens() -> list:
             "SELECT DISTINCT claim_token FROM webhooks_delivery")).scalars().all()
 
 
+def _queue_rows() -> list:
+    with model.meta.engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(sa.text(
+            "SELECT claim_token, attempts, due - now() FROM webhooks_delivery"))]
+
+
 def _signal_group(proc: processes.Process, sig: int) -> None:
     os.killpg(proc.proc.pid, sig)
 
@@ -146,7 +152,11 @@ def test_a_stuck_workers_late_outcomes_are_not_recorded(private_stack, receiver,
         _signal_group(worker_a, signal.SIGSTOP)  # before its answers come back
         [token_a] = _claim_tokens()
         worker_b = processes.start_worker(ini, concurrency=1, name="worker-b")
-        receiver.wait_for(lambda rs: len(rs) >= 16, timeout=30)  # B sent them again
+        try:
+            receiver.wait_for(lambda rs: len(rs) >= 16, timeout=30)  # B sent them again
+        except AssertionError as error:
+            raise AssertionError(f"{error}\nqueue: {_queue_rows()}\nworker B:\n"
+                                 f"{worker_b.output()[-3000:]}") from None
         [token_b] = _claim_tokens()
         assert token_b not in (None, token_a)
         _signal_group(worker_a, signal.SIGCONT)  # while B waits for its answers
@@ -163,6 +173,44 @@ def test_a_stuck_workers_late_outcomes_are_not_recorded(private_stack, receiver,
         _signal_group(worker_a, signal.SIGCONT)
         if worker_b is not None:
             worker_b.stop()
+
+
+def test_a_worker_frozen_inside_a_transaction_gives_up_its_locks(
+        monkeypatch, only_my_workers, receiver, dataset):
+    """A worker process frozen between a statement and its COMMIT holds its row
+    locks for as long as its connection lives, and claims skip locked rows:
+    the deliveries could never be taken over. A worker's connections tell
+    the server to end a transaction idle longer than a batch may be held (1 s
+    here), and the rows are claimed by another process."""
+    from ckanext.webhooks import delivery_queue, fanout, worker
+    [hook] = _add_hooks(receiver, 1, "/frozen")
+    monkeypatch.setattr(worker, "hold_limit", lambda: 1.0)
+    worker._end_abandoned_transactions()
+    try:
+        model.meta.engine.dispose()  # the test process's connections: new, with the limit
+        _update(dataset["id"])
+        assert fanout.fan_out()[1] == 1  # the suite's worker is frozen: fanned out here
+        frozen = model.meta.engine.connect()
+        assert frozen.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "1s"
+        frozen.execute(sa.text("BEGIN"))
+        locked = frozen.execute(sa.text(
+            "SELECT hook_id FROM webhooks_delivery WHERE hook_id = :h FOR UPDATE"),
+            {"h": hook}).scalars().all()
+        assert locked == [hook]
+        # The lock holds while the transaction lives: a claim skips the row.
+        assert delivery_queue.claim(10)[0] == []
+        [job] = _wait(lambda: delivery_queue.claim(10)[0], 30,
+                      "the frozen transaction was ended and the delivery claimed")
+        delivery_queue.leases.release(job.claim_token)
+        assert job.hook_id == hook
+        # The server ended it (PostgreSQL says why, then closes the connection).
+        with pytest.raises(sa.exc.OperationalError,
+                           match="idle-in-transaction timeout|server closed the connection"):
+            frozen.execute(sa.text("SELECT 1"))
+    finally:
+        sa.event.remove(model.meta.engine, "connect", worker.limit_idle_transactions)
+        model.Session.rollback()
+        model.meta.engine.dispose()
 
 
 # --- point 4: a failure preparing one delivery is that delivery's alone ----------
