@@ -23,10 +23,13 @@ def _report(directory: Path, run: str, tests: int, skipped: int = 0) -> Path:
     return path
 
 
-def _check(floor: Path, dirs: dict[str, Path]) -> subprocess.CompletedProcess:
-    """scripts/test-floor on the reports in ``dirs`` ({CKAN version: directory})."""
+def _check(floor: Path, dirs: dict[str, Path | list[Path]]) -> subprocess.CompletedProcess:
+    """scripts/test-floor on the reports in ``dirs`` ({CKAN version: its
+    directory, or the directories of its parts})."""
+    def joined(paths) -> str:
+        return ",".join(map(str, paths)) if isinstance(paths, list) else str(paths)
     return subprocess.run([str(FLOOR_CHECK), str(floor),
-                           *(f"{version}={path}" for version, path in dirs.items())],
+                           *(f"{version}={joined(path)}" for version, path in dirs.items())],
                           capture_output=True, text=True, timeout=30)
 
 
@@ -48,6 +51,16 @@ def test_a_version_below_its_floor_fails_the_check(tmp_path):
     assert below.returncode == 1
     assert "tests run on CKAN 2.11: 9 (floor 10): BELOW THE FLOOR" in below.stdout
     assert "tests run on CKAN 2.12: 10 (floor 10): ok" in below.stdout
+
+    # A version run in two parts: the sum of both directories.
+    part = tmp_path / "ckan-2.11-slot4"
+    _report(part, "suite", 1)
+    split = _check(floor, {"2.12": v212, "2.11": [v211, part]})
+    assert split.returncode == 0, split.stdout + split.stderr
+    assert "tests run on CKAN 2.11: 10 (floor 10): ok" in split.stdout
+    part_report = part / "junit-suite.xml"
+    part_report.unlink()  # the second part broke off
+    assert _check(floor, {"2.12": v212, "2.11": [v211, part]}).returncode == 1
 
     suite_211.unlink()  # a run that broke off before writing its report
     assert _check(floor, {"2.12": v212, "2.11": v211}).returncode == 1
