@@ -548,7 +548,8 @@ def webhook_recover(context, data_dict):
     """Send the webhook again every event it would have received in a window:
     its topics, its filters and its reader's view as judged now, with the
     original event ids (``webhook-id``), queued oldest first. Events that
-    happened while it was paused or failing are included. Limited like
+    happened while it was paused or failing are included, events from before
+    it was created are not. Limited like
     ``webhook_ping``. Queued now; the delivery log shows them.
 
     :param id: the webhook's id

@@ -275,10 +275,13 @@ class TestPause:
 class TestRecover:
     def test_recover_sends_what_a_paused_hook_missed_with_the_original_ids(
             self, anon, admin, receiver, organization):
+        started = _sql("SELECT now()")[0][0]
+        # In the window, but made before the hook: never the hook's business.
+        before = admin.action.package_create(name=_name(), owner_org=organization["id"])
+        settled(packages=[before["id"]])
         hook = anon.action.webhook_create(topics=["dataset/create", "dataset/update"],
                                           address=receiver.url("/rec"))
         anon.action.webhook_create(topic="dataset/*", address=receiver.url("/w"))
-        started = _sql("SELECT now()")[0][0]
         anon.action.webhook_update(id=hook, active=False)
         public = admin.action.package_create(name=_name(), owner_org=organization["id"])
         receiver.wait_count("/w", 1)
