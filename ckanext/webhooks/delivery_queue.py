@@ -224,13 +224,16 @@ def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
     """), {"lease": lease, "limit": limit, "token": token, "skip": skip}).all()
     session.commit()
     more = len(rows) >= limit
-    rows = [row for row in rows if row.active]
-    if rows:
+    # Unpacked as tuples: a Row's attribute access costs about a microsecond
+    # a column, a dozen per delivery.
+    jobs = [Job(event_id, hook_id, attempts,
+                HookRow(hook_id, address, secret, user_id, token_id, previous_secret),
+                audience, topic, reason, claim_token=token)
+            for (event_id, hook_id, attempts, audience, topic, reason, address, secret,
+                 user_id, token_id, active, previous_secret) in rows if active]
+    if jobs:
         leases.hold(token, lease)
-    return [Job(r.event_id, r.hook_id, r.attempts,
-                HookRow(r.hook_id, r.address, r.secret, r.user_id, r.token_id,
-                        r.previous_secret),
-                r.audience, r.topic, r.reason, claim_token=token) for r in rows], more
+    return jobs, more
 
 
 # --- recording outcomes -----------------------------------------------------
@@ -317,8 +320,8 @@ def record_once(jobs: list[Job]) -> None:
     session.execute(sa.text("""
         SELECT 1 FROM webhooks WHERE id = ANY(:ids) ORDER BY id COLLATE "C" FOR NO KEY UPDATE
     """), {"ids": sorted({job.hook_id for job in jobs})}).all()
-    owned = {(row.event_id, row.hook_id) for row in session.execute(
-        sa.text(_OWNED.format(skip="")), {"tokens": [token]})}
+    owned = set(session.execute(sa.text(_OWNED.format(skip="")), {"tokens": [token]})
+                .tuples())
     mine = [job for job in jobs if (job.event_id, job.hook_id) in owned]
     if len(mine) < len(jobs):
         _report_lost([job for job in jobs if (job.event_id, job.hook_id) not in owned])

@@ -80,6 +80,15 @@ def parse(address: str) -> tuple[str, str, int, str]:
     """Split and normalise an address: (scheme, host, port, path). Raises Refused."""
     if not isinstance(address, str) or not address:
         raise Refused("Missing value")
+    # The same addresses come back at every delivery: parsed once per
+    # address and settings (a refusal is not cached, it is raised again).
+    return _parse(address, settings.https_only(),
+                  frozenset(settings.allowed_ports_below_1024()))
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse(address: str, https_only: bool,
+           allowed_ports_below_1024: frozenset[int]) -> tuple[str, str, int, str]:
     if len(address) > MAX_ADDRESS_LENGTH:
         raise Refused(f"Must be at most {MAX_ADDRESS_LENGTH} characters")
     if _CONTROL.search(address):
@@ -92,7 +101,7 @@ def parse(address: str) -> tuple[str, str, int, str]:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise Refused("Must be an absolute http:// or https:// URL")
-    if settings.https_only() and scheme != "https":
+    if https_only and scheme != "https":
         raise Refused("Must be an https:// URL on this portal")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise Refused("Must not contain credentials")
@@ -105,7 +114,7 @@ def parse(address: str) -> tuple[str, str, int, str]:
     if port == 0:
         raise Refused("Not a valid port")
     port = port or (443 if scheme == "https" else 80)
-    if port < 1024 and port not in settings.allowed_ports_below_1024():
+    if port < 1024 and port not in allowed_ports_below_1024:
         raise Refused("Ports below 1024 other than 80 and 443 are not allowed on this portal")
     path = parts.path or "/"
     if parts.query:

@@ -137,7 +137,7 @@ def _readers_now(jobs: list[Job]) -> dict[str, tuple[str, bool]]:
                {audience.READER_ACTIVE_SQL} AS active
           FROM webhooks w WHERE w.id = ANY(:ids)
     """), {"ids": list({job.hook_id for job in jobs})}).all()
-    return {row.id: (row.audience, row.active) for row in rows}
+    return {hook_id: (reader, active) for hook_id, reader, active in rows}
 
 
 def _access_check(event, topic: str) -> Optional[tuple[str, str]]:

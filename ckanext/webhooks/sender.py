@@ -39,6 +39,7 @@ import asyncio
 import collections
 import concurrent.futures
 import email.utils
+import functools
 import logging
 import re
 import ssl
@@ -239,14 +240,21 @@ def _request_head(target: guard.Target, length: int, headers: Optional[dict[str,
     signing headers (if any) and the blank line are added at write time."""
     path = target.path if target.path.isascii() else quote(
         target.path, safe="!#$%&'()*+,/:;=?@[]~")
-    fields = [("Host", target.host_header), ("Content-Length", str(length)),
-              ("Connection", "keep-alive"), *(headers or {}).items()]
-    if not _TARGET_OK.fullmatch(path) or not all(
-            _NAME_OK.fullmatch(name) and _VALUE_OK.fullmatch(value) for name, value in fields) \
+    fields = (headers or {}).items()
+    if not _TARGET_OK.fullmatch(path) or not _field_ok("Host", target.host_header) \
+            or not all(_field_ok(*field) for field in fields) \
             or (event_id is not None and not _VALUE_OK.fullmatch(event_id)):
         raise _Failed("invalid_request")  # never sent: it would split the request
-    return (f"POST {path} HTTP/1.1\r\n"
+    return (f"POST {path} HTTP/1.1\r\nHost: {target.host_header}\r\n"
+            f"Content-Length: {length:d}\r\nConnection: keep-alive\r\n"
             + "".join(f"{name}: {value}\r\n" for name, value in fields)).encode("ascii")
+
+
+@functools.lru_cache(maxsize=4096)
+def _field_ok(name: str, value: str) -> bool:
+    """Could the header be written as it is (no line break, nothing outside
+    ASCII)? The same few come back at every request: checked once each."""
+    return bool(_NAME_OK.fullmatch(name) and _VALUE_OK.fullmatch(value))
 
 
 @dataclass(frozen=True)

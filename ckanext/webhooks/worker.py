@@ -7,6 +7,7 @@ and :mod:`listener`; none of them imports it.
 """
 from __future__ import annotations
 
+import gc
 import glob
 import logging
 import os
@@ -32,6 +33,16 @@ def _fresh_connections(**_: Any) -> None:
     """A forked process must not share its parent's database connections."""
     model.Session.remove()
     model.meta.engine.dispose(close=False)
+
+
+@signals.worker_init.connect
+@signals.worker_process_init.connect
+def _freeze_what_is_loaded(**_: Any) -> None:
+    """What is loaded before the pool forks (CKAN, its plugins) and as each
+    process starts lives as long as the process: frozen, the collector's
+    full passes, which a large fan-out's thousands of jobs set off, no longer
+    walk it, and the forked processes leave those pages shared."""
+    gc.freeze()
 
 
 @signals.worker_process_init.connect
