@@ -320,8 +320,8 @@ def record_once(jobs: list[Job]) -> None:
     session.execute(sa.text("""
         SELECT 1 FROM webhooks WHERE id = ANY(:ids) ORDER BY id COLLATE "C" FOR NO KEY UPDATE
     """), {"ids": sorted({job.hook_id for job in jobs})}).all()
-    owned = set(session.execute(sa.text(_OWNED.format(skip="")), {"tokens": [token]})
-                .tuples())
+    owned = {(event_id, hook_id) for event_id, hook_id in session.execute(
+        sa.text(_OWNED.format(skip="")), {"tokens": [token]})}
     mine = [job for job in jobs if (job.event_id, job.hook_id) in owned]
     if len(mine) < len(jobs):
         _report_lost([job for job in jobs if (job.event_id, job.hook_id) not in owned])
