@@ -199,6 +199,10 @@ def test_sysadmin_dashboard_shows_the_hooks_statistics(visit, live_ckan, receive
 
     page.select_option("#filter-state", "failing")
     page.click("#webhooks-filter button[type=submit]")
+    # The click returns once the filtered page starts loading; its rows are
+    # there once it has loaded (query_selector_all does not wait).
+    page.wait_for_load_state()
+    assert "state=failing" in page.url
     [row] = page.query_selector_all("tr.webhook-row")
     assert "/down" in row.inner_text()
     _shot(page, "11-dashboard-failing")
