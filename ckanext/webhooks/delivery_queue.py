@@ -165,6 +165,9 @@ class Job:
     drop: Optional[str] = None  # why nothing is sent (and nothing retried)
     topic: str = ""
     claim_token: str = ""         # its claim's: only its holder records its outcome
+    # Its hook's audience as of the claim; None when the reader is no longer
+    # active (a deleted or blocked user).
+    reader_now: Optional[str] = None
     created: Optional[float] = None  # its event's commit (epoch seconds), for the metrics
     # Preparing it raised: nothing was sent; retried on the schedule, not
     # counted against the hook.
@@ -211,16 +214,18 @@ def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
     skip = sorted(skip_hosts)
     rows = session.execute(sa.text(f"""
         UPDATE webhooks_delivery d
-           SET due = CASE WHEN h.active THEN now() + make_interval(secs => :lease)
+           SET due = CASE WHEN w.active THEN now() + make_interval(secs => :lease)
                           ELSE 'infinity' END,
-               attempts = d.attempts + CASE WHEN h.active THEN 1 ELSE 0 END,
-               claim_token = CASE WHEN h.active THEN :token END
-          FROM ({_DUE_ELSEWHERE if skip else _DUE}) c, webhooks h
-         WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id AND h.id = d.hook_id
+               attempts = d.attempts + CASE WHEN w.active THEN 1 ELSE 0 END,
+               claim_token = CASE WHEN w.active THEN :token END
+          FROM ({_DUE_ELSEWHERE if skip else _DUE}) c, webhooks w
+         WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id AND w.id = d.hook_id
         RETURNING d.event_id, d.hook_id, d.attempts, d.audience, d.topic, d.reason,
-                  h.address, h.secret, h.user_id, h.token_id, h.active,
-                  CASE WHEN h.previous_secret_until > now() THEN h.previous_secret
-                  END AS previous_secret
+                  w.address, w.secret, w.user_id, w.token_id, w.active,
+                  CASE WHEN w.previous_secret_until > now() THEN w.previous_secret
+                  END AS previous_secret,
+                  CASE WHEN {audience.READER_ACTIVE_SQL} THEN {audience.AUDIENCE_SQL}
+                  END AS reader_now
     """), {"lease": lease, "limit": limit, "token": token, "skip": skip}).all()
     session.commit()
     more = len(rows) >= limit
@@ -228,9 +233,9 @@ def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
     # a column, a dozen per delivery.
     jobs = [Job(event_id, hook_id, attempts,
                 HookRow(hook_id, address, secret, user_id, token_id, previous_secret),
-                audience, topic, reason, claim_token=token)
-            for (event_id, hook_id, attempts, audience, topic, reason, address, secret,
-                 user_id, token_id, active, previous_secret) in rows if active]
+                audience_key, topic, reason, claim_token=token, reader_now=reader_now)
+            for (event_id, hook_id, attempts, audience_key, topic, reason, address, secret,
+                 user_id, token_id, active, previous_secret, reader_now) in rows if active]
     if jobs:
         leases.hold(token, lease)
     return jobs, more

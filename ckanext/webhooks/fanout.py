@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from typing import Optional
 
 import sqlalchemy as sa
 
 from ckan import model
 
-from . import audience, settings, topics
+from . import audience, prepare, settings, topics
 from .capture import package_groups
 from .ids import fingerprint
 from .model import NOTIFY_CHANNEL, WebhookEvent, utcnow
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 FANOUT_EVENTS = 100  # events a fan-out task takes at a time
 MAX_FANOUT_ATTEMPTS = 5
+# Renderings due again are looked for at most this often per process, not
+# on every fan-out (their retries are seconds apart; the sweep asks too).
+RENDERING_LOOK_SECONDS = 1.0
+_renderings_looked_at = -RENDERING_LOOK_SECONDS
 # Whatever the dataset event, a reader may get any of the three: an update,
 # or a create/delete when the dataset entered or left their view.
 DATASET_PATTERNS = [topics.DATASET_CREATE, topics.DATASET_UPDATE, topics.DATASET_DELETE,
@@ -65,7 +70,9 @@ def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
             with session.begin_nested():
                 queued += _fan_out_event(event)
             event.fanned_out = utcnow()
+            prepare.keep_event(event)  # its deliveries are prepared right after
         except Exception:  # noqa: BLE001 - this event only; the others go on
+            prepare.forget(event.id)
             event.fanout_attempts += 1
             log.exception("fan-out of event %s failed (attempt %d)", event.id,
                           event.fanout_attempts)
@@ -73,7 +80,10 @@ def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
                 log.error("event %s set aside after %d failed fan-outs", event.id,
                           event.fanout_attempts)
                 event.set_aside = event.fanned_out = utcnow()
-    queued += _retry_renderings(limit)
+    global _renderings_looked_at
+    if time.monotonic() >= _renderings_looked_at + RENDERING_LOOK_SECONDS:
+        _renderings_looked_at = time.monotonic()
+        queued += _retry_renderings(limit)
     if commit:
         session.commit()
     return len(events), queued
@@ -125,7 +135,7 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
         return _fan_out_plugin_event(event, hook_id, delay)
     snapshot = event.snapshot or {}
     before, after = snapshot.get("_before"), snapshot.get("_after") or {}
-    groups_after = _groups(event.package_id)
+    now, groups_after = _dataset_now(event.package_id)
     groups_before = (before or {}).get("groups", groups_after)
     where = {"patterns": topics.patterns_for(event.topic) if kind == "resource"
              else DATASET_PATTERNS, "pkg": event.package_id,
@@ -138,7 +148,6 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
          GROUP BY audience
     """), where).all()
     names = audience.reader_names(a.audience for a in audiences)
-    now = _visibility_now(event.package_id)
     # A resource deleted since has nothing to render (its resource/delete follows).
     gone = kind == "resource" and not _resource_active(event.object_id)
     decisions = []
@@ -259,6 +268,7 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
             _rendering_failed(event, key, str(failure))
             return None
         _store_rendering(event.id, key, data)
+        prepare.keep_rendering(event.id, key, data)
     return {"audience": key, "vb": bool(vb), "va": bool(va)}
 
 
@@ -278,11 +288,21 @@ def _visibility_key(state: dict) -> tuple:
     return (state.get("state"), bool(state.get("private")), state.get("owner_org"))
 
 
-def _visibility_now(package_id: Optional[str]) -> Optional[dict]:
-    row = model.Session.execute(sa.text(
-        "SELECT state, private, owner_org FROM package WHERE id = :id"),
-        {"id": package_id}).first() if package_id else None
-    return dict(row._mapping) if row is not None else None
+def _dataset_now(package_id: Optional[str]) -> tuple[Optional[dict], list[str]]:
+    """The dataset's visibility as it is in the database (None: purged) and
+    the groups (organizations included) it is an active member of."""
+    if not package_id:
+        return None, []
+    row = model.Session.execute(sa.text("""
+        SELECT p.id IS NOT NULL AS found, p.state, p.private, p.owner_org,
+               ARRAY(SELECT m.group_id FROM member m
+                      WHERE m.table_name = 'package' AND m.table_id = :id
+                        AND m.state = 'active') AS groups
+          FROM (SELECT 1) one LEFT JOIN package p ON p.id = :id
+    """), {"id": package_id}).one()
+    now = {"state": row.state, "private": row.private, "owner_org": row.owner_org} \
+        if row.found else None
+    return now, list(row.groups)
 
 
 def _fan_out_plugin_event(event: WebhookEvent, hook_id: Optional[str] = None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import time
 import traceback
 from typing import Any, Optional
 
@@ -86,8 +87,8 @@ def _prepare(jobs: list[Job]) -> list[Job]:
     a token revoked, a user blocked) but never widen one.
     """
     session = model.Session
-    readers = _readers_now(jobs)
-    names = audience.reader_names(key for key, _ in readers.values())
+    names = audience.reader_names({job.reader_now for job in jobs
+                                   if job.reader_now is not None})
     extensions = list(PluginImplementations(IWebhooks))
     sendable = []
     for job in jobs:
@@ -99,8 +100,8 @@ def _prepare(jobs: list[Job]) -> list[Job]:
                 continue
             job.topic = job.delivered_topic or event.topic
             job.created = event.created.timestamp() if event.created else None
-            key, active = readers.get(hook.id, (None, False))
-            reader = names.get(key) if active else None
+            key = job.reader_now  # read with the claim
+            reader = names.get(key) if key is not None else None
             if reader is None:
                 job.drop = "reader_gone"
                 continue
@@ -128,16 +129,6 @@ def _prepare(jobs: list[Job]) -> list[Job]:
             _prepare_failed([job], error)
     session.rollback()  # end the read transaction before the slow part
     return sendable
-
-
-def _readers_now(jobs: list[Job]) -> dict[str, tuple[str, bool]]:
-    """hook id -> (its audience now, whether its reader is still active)."""
-    rows = model.Session.execute(sa.text(f"""
-        SELECT w.id, {audience.AUDIENCE_SQL} AS audience,
-               {audience.READER_ACTIVE_SQL} AS active
-          FROM webhooks w WHERE w.id = ANY(:ids)
-    """), {"ids": list({job.hook_id for job in jobs})}).all()
-    return {hook_id: (reader, active) for hook_id, reader, active in rows}
 
 
 def _access_check(event, topic: str) -> Optional[tuple[str, str]]:
@@ -172,10 +163,52 @@ def _event(event_id: str) -> Optional["_DetachedEvent"]:
     event = model.Session.get(WebhookEvent, event_id)
     if event is None:
         return None
-    _events[event_id] = cached = _DetachedEvent(event)
+    return keep_event(event)
+
+
+# What this process's own fan-out just read and rendered, so that the
+# deliveries it sends right after need not read them back. A rendering is
+# kept for a second at most: a fan-out rolled back and done again elsewhere
+# stores its own.
+KEPT_SECONDS = 1.0
+_kept_renderings: "collections.OrderedDict[tuple[str, str], tuple[Any, float]]" = \
+    collections.OrderedDict()
+
+
+def keep_event(event: WebhookEvent) -> "_DetachedEvent":
+    _events[event.id] = detached = _DetachedEvent(event)
+    _events.move_to_end(event.id)
     while len(_events) > 256:
         _events.popitem(last=False)
-    return cached
+    return detached
+
+
+def keep_rendering(event_id: str, key: str, data: Any) -> None:
+    """The rendering just stored for (event, audience), as reading it back
+    from ``webhooks_rendering`` would return it (its keys in jsonb's order)."""
+    _kept_renderings[(event_id, key)] = (_as_jsonb(json.loads(json.dumps(data, default=str))),
+                                         time.monotonic() + KEPT_SECONDS)
+    _kept_renderings.move_to_end((event_id, key))
+    while len(_kept_renderings) > 256:
+        _kept_renderings.popitem(last=False)
+
+
+def forget(event_id: str) -> None:
+    """The fan-out of this event was rolled back: keep nothing of it."""
+    _events.pop(event_id, None)
+    for cache_key in [k for k in _kept_renderings if k[0] == event_id]:
+        del _kept_renderings[cache_key]
+
+
+def _as_jsonb(value: Any) -> Any:
+    """``value`` with its objects' keys in the order jsonb stores them
+    (shorter keys first, then by their bytes)."""
+    if isinstance(value, dict):
+        return {k: _as_jsonb(value[k])
+                for k in sorted(value, key=lambda k: (len(k.encode()), k.encode()))}
+    if isinstance(value, list):
+        return [_as_jsonb(item) for item in value]
+    return value
 
 
 def _envelope(event: "_DetachedEvent", key: str, topic: str, reason: Optional[str]
@@ -200,6 +233,9 @@ def _envelope(event: "_DetachedEvent", key: str, topic: str, reason: Optional[st
 
 def _rendering(event_id: str, key: str) -> Optional[Any]:
     """The stored rendering of an event for an audience, or None."""
+    kept = _kept_renderings.pop((event_id, key), None)
+    if kept is not None and kept[1] > time.monotonic():
+        return kept[0]
     return model.Session.execute(sa.text(
         "SELECT data FROM webhooks_rendering WHERE event_id = :e AND audience = :a "
         "AND data IS NOT NULL"), {"e": event_id, "a": key}).scalar()

@@ -294,9 +294,9 @@ def test_a_failure_of_a_whole_batch_is_that_batchs_alone(only_my_workers, with_p
         monkeypatch.setattr(logging.getLogger(name), "propagate", True)
     caplog.set_level(logging.INFO, logger="ckanext.webhooks.prepare")
 
-    def lookup_fails(jobs):
-        raise RuntimeError(f"no readers for {jobs[0].hook_id}")
-    monkeypatch.setattr(prepare, "_readers_now", lookup_fails)
+    def lookup_fails(audiences):
+        raise RuntimeError(f"no readers for {hooks[0]}")
+    monkeypatch.setattr(prepare.audience, "reader_names", lookup_fails)
     assert prepare.prepare_batch(jobs) == []
     assert {job.prepare_error for job in jobs} == {"internal_error"}
     assert "could not prepare event" in caplog.text and "and 2 other(s)" in caplog.text
