@@ -61,15 +61,21 @@ def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
     with what it does next (the first claim of the deliveries: one durable
     commit on the way from event to receipt instead of two)."""
     session = model.Session
-    events = session.scalars(
-        sa.select(WebhookEvent).where(WebhookEvent.fanned_out.is_(None))
-        .order_by(WebhookEvent.created).limit(limit).with_for_update(skip_locked=True)).all()
+    # Taken and marked fanned out in one statement; an event whose fan-out
+    # fails is marked back below (its savepoint undid only its deliveries).
+    events = sorted(session.scalars(
+        sa.select(WebhookEvent).from_statement(sa.text("""
+            UPDATE webhooks_event SET fanned_out = :now
+             WHERE id IN (SELECT id FROM webhooks_event WHERE fanned_out IS NULL
+                           ORDER BY created LIMIT :limit FOR UPDATE SKIP LOCKED)
+            RETURNING *
+        """)).execution_options(populate_existing=True),
+        {"now": utcnow(), "limit": limit}).all(), key=lambda event: event.created)
     queued = 0
     for event in events:
         try:
             with session.begin_nested():
                 queued += _fan_out_event(event)
-            event.fanned_out = utcnow()
             prepare.keep_event(event)  # its deliveries are prepared right after
         except Exception:  # noqa: BLE001 - this event only; the others go on
             prepare.forget(event.id)
@@ -80,6 +86,8 @@ def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
                 log.error("event %s set aside after %d failed fan-outs", event.id,
                           event.fanout_attempts)
                 event.set_aside = event.fanned_out = utcnow()
+            else:
+                event.fanned_out = None
     global _renderings_looked_at
     if time.monotonic() >= _renderings_looked_at + RENDERING_LOOK_SECONDS:
         _renderings_looked_at = time.monotonic()
@@ -163,7 +171,14 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
     # left their view), if the hook subscribes to that topic.
     return model.Session.execute(sa.text(f"""
         WITH d AS (SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
-                     AS d(audience text, vb bool, va bool)),
+                     AS d(audience text, vb bool, va bool, data jsonb)),
+             -- Each audience's rendering, which all its hooks' deliveries send.
+             r AS (INSERT INTO webhooks_rendering (event_id, audience, data, attempts, due,
+                                                   error)
+                   SELECT :event_id, audience, data, 0, NULL, NULL FROM d
+                    WHERE data IS NOT NULL
+                   ON CONFLICT (event_id, audience) DO UPDATE
+                      SET data = EXCLUDED.data, due = NULL, error = NULL),
              x AS (SELECT h.id, h.topics, h.audience, d.vb, d.va,
                           d.vb AND h.mb AS ib, d.va AND h.ma AS ia
                      FROM ({_HOOKS}) h JOIN d ON d.audience = h.audience),
@@ -191,7 +206,7 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
          WHERE delivered IS NOT NULL
            AND topics && ARRAY[delivered, split_part(delivered, '/', 1) || '/*', '*']
         ON CONFLICT DO NOTHING
-    """), {**where, "decisions": json.dumps(decisions), "event_id": event.id,
+    """), {**where, "decisions": json.dumps(decisions, default=str), "event_id": event.id,
            "kind": kind, "event_topic": event.topic, "delay": delay,
            "after_state": after.get("state"),
            "before_state": (before or {}).get("state")}).rowcount
@@ -219,8 +234,9 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
             before: Optional[dict], after: dict, now: Optional[dict],
             reuse: bool = False, gone: bool = False) -> Optional[dict]:
     """Could ``reader`` see the entity before (vb) and after (va) the change?
-    Renders it for them when a hook of theirs needs the body. None: nothing
-    for this audience now (withheld, or rendering failed and will be retried).
+    Renders it for them when a hook of theirs needs the body (``data``, stored
+    with the deliveries). None: nothing for this audience now (withheld, or
+    rendering failed and will be retried).
 
     ``before``/``after``: the dataset's visibility captured with the event;
     ``now``: as it is in the database (None: purged). Each distinct state is
@@ -267,8 +283,8 @@ def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list
         except audience.RenderingFailed as failure:
             _rendering_failed(event, key, str(failure))
             return None
-        _store_rendering(event.id, key, data)
         prepare.keep_rendering(event.id, key, data)
+        return {"audience": key, "vb": bool(vb), "va": bool(va), "data": data}
     return {"audience": key, "vb": bool(vb), "va": bool(va)}
 
 
@@ -335,15 +351,6 @@ def _groups(package_id: Optional[str]) -> list[str]:
 
 
 # --- renderings ---------------------------------------------------------------
-
-def _store_rendering(event_id: str, key: str, data: dict) -> None:
-    model.Session.execute(sa.text("""
-        INSERT INTO webhooks_rendering (event_id, audience, data, attempts, due, error)
-        VALUES (:e, :a, CAST(:data AS jsonb), 0, NULL, NULL)
-        ON CONFLICT (event_id, audience) DO UPDATE
-           SET data = EXCLUDED.data, due = NULL, error = NULL
-    """), {"e": event_id, "a": key, "data": json.dumps(data, default=str)})
-
 
 def _rendering_failed(event, key: str, error: str) -> None:
     """Note the failure; the audience is tried again on the retry schedule."""
