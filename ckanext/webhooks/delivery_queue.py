@@ -20,7 +20,7 @@ import random
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional
 
 import sqlalchemy as sa
@@ -200,6 +200,52 @@ _DUE_ELSEWHERE = """SELECT d.event_id, d.hook_id FROM webhooks_delivery d
                  ORDER BY d.due LIMIT :limit FOR UPDATE OF d SKIP LOCKED"""
 
 
+# What a claim returns of each delivery (``d``) and its hook (``w``), in the
+# order :func:`jobs_from_rows` reads them.
+CLAIMED_COLUMNS = f"""d.event_id, d.hook_id, d.attempts, d.audience, d.topic, d.reason,
+        w.address, w.secret, w.user_id, w.token_id,
+        CASE WHEN w.previous_secret_until > now() THEN w.previous_secret
+        END AS previous_secret,
+        CASE WHEN {audience.READER_ACTIVE_SQL} THEN {audience.AUDIENCE_SQL} END AS reader_now"""
+
+
+def jobs_from_rows(rows, token: str) -> list[Job]:
+    """The jobs of claimed rows (:data:`CLAIMED_COLUMNS` first)."""
+    # Unpacked as tuples: a Row's attribute access costs about a microsecond
+    # a column, a dozen per delivery.
+    return [Job(event_id, hook_id, attempts,
+                HookRow(hook_id, address, secret, user_id, token_id, previous_secret),
+                audience_key, topic, reason, claim_token=token, reader_now=reader_now)
+            for (event_id, hook_id, attempts, audience_key, topic, reason, address, secret,
+                 user_id, token_id, previous_secret, reader_now, *_) in rows]
+
+
+@dataclass
+class FirstClaim:
+    """A claim made by the statement that queues a fan-out's deliveries, for
+    the process that fans out and sends right after: up to ``limit`` of them,
+    none for ``skip_hosts``. One statement and one commit fewer on the way
+    from an event to its first deliveries. :func:`hold` it once committed."""
+    limit: int
+    skip_hosts: list[str]
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    lease: float = field(default_factory=lambda: settings.lease_seconds())
+    jobs: list[Job] = field(default_factory=list)
+
+    def room(self) -> int:
+        return self.limit - len(self.jobs)
+
+    def forget(self, event_id: str) -> None:
+        """That event's fan-out was rolled back, and its claim with it."""
+        self.jobs = [job for job in self.jobs if job.event_id != event_id]
+
+    def hold(self) -> list[Job]:
+        """Its jobs, their lease renewed from now on (see :data:`leases`)."""
+        if self.jobs:
+            leases.hold(self.token, self.lease)
+        return self.jobs
+
+
 def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
     """Lease up to ``limit`` due deliveries, with their hooks, in one statement,
     under a fresh claim token; this process renews the lease until it releases
@@ -220,22 +266,11 @@ def claim(limit: int, skip_hosts: Iterable[str] = ()) -> tuple[list[Job], bool]:
                claim_token = CASE WHEN w.active THEN :token END
           FROM ({_DUE_ELSEWHERE if skip else _DUE}) c, webhooks w
          WHERE d.event_id = c.event_id AND d.hook_id = c.hook_id AND w.id = d.hook_id
-        RETURNING d.event_id, d.hook_id, d.attempts, d.audience, d.topic, d.reason,
-                  w.address, w.secret, w.user_id, w.token_id, w.active,
-                  CASE WHEN w.previous_secret_until > now() THEN w.previous_secret
-                  END AS previous_secret,
-                  CASE WHEN {audience.READER_ACTIVE_SQL} THEN {audience.AUDIENCE_SQL}
-                  END AS reader_now
+        RETURNING {CLAIMED_COLUMNS}, w.active
     """), {"lease": lease, "limit": limit, "token": token, "skip": skip}).all()
     session.commit()
     more = len(rows) >= limit
-    # Unpacked as tuples: a Row's attribute access costs about a microsecond
-    # a column, a dozen per delivery.
-    jobs = [Job(event_id, hook_id, attempts,
-                HookRow(hook_id, address, secret, user_id, token_id, previous_secret),
-                audience_key, topic, reason, claim_token=token, reader_now=reader_now)
-            for (event_id, hook_id, attempts, audience_key, topic, reason, address, secret,
-                 user_id, token_id, active, previous_secret, reader_now) in rows if active]
+    jobs = jobs_from_rows([row for row in rows if row.active], token)
     if jobs:
         leases.hold(token, lease)
     return jobs, more

@@ -13,9 +13,11 @@ from typing import Optional
 
 import sqlalchemy as sa
 
+from ckan import model
+
 from . import metrics, settings
-from .delivery_queue import (Job, claim, connection_lost, hand_back, leases, record,
-                             rollback_quietly)
+from .delivery_queue import (FirstClaim, Job, claim, connection_lost, hand_back, leases,
+                             record, rollback_quietly)
 from .fanout import fan_out
 from .ids import fingerprint
 from .prepare import prepare_batch
@@ -46,8 +48,14 @@ MAX_BATCHES_WITH_FREE_SLOTS = 16
 POLL_SECONDS = 0.25  # how often a drain with batches in flight looks for new work
 
 
-def drain(budget: float = 30.0) -> tuple[int, bool]:
-    """Deliver due work until none is left or ``budget`` seconds have passed.
+def first_claim() -> FirstClaim:
+    """The claim a fan-out makes for this process's first batch (see :func:`drain`)."""
+    return FirstClaim(settings.batch_size(), sorted(_process_sender().saturated_slow_hosts()))
+
+
+def drain(budget: float = 30.0, first: Optional[FirstClaim] = None) -> tuple[int, bool]:
+    """Deliver due work until none is left or ``budget`` seconds have passed;
+    ``first``: a batch already claimed (by the fan-out), sent first.
 
     Several batches are on the wire at once and each is recorded as soon as
     it completes, so a receiver that keeps one batch waiting for its timeout
@@ -58,16 +66,28 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
     """
     started = time.monotonic()
     total, in_flight, exhausted, database_away = 0, [], False, False
+    # Right after a fan-out: no new events to look for yet and, when its
+    # first claim took all it queued, other work waits until that batch is
+    # answered or a poll has passed (its requests go out first, unhindered).
+    look_for_events, look_now = first is None, True
     try:
+        if first is not None and first.jobs:
+            model.Session.commit()  # the fan-out and its claim, before anything is sent
+            jobs = first.hold()
+            in_flight.append(_send(jobs, prepare_batch(jobs)))
+            look_now = first.room() <= 0
         while True:
             if exhausted and not in_flight:
                 # The last claim took all that was due: asking again now
                 # would cost a round trip for nothing (new events come with
                 # a fan-out task of their own, retries with the sweep).
                 return total, database_away
-            if not (database_away or stopping()) and time.monotonic() - started < budget:
+            if not look_now:
+                look_now = True
+            elif not (database_away or stopping()) and time.monotonic() - started < budget:
                 try:
-                    exhausted = _take_more(in_flight)
+                    exhausted = _take_more(in_flight, look_for_events)
+                    look_for_events = True
                 except sa.exc.DBAPIError as error:
                     # The database is away (a restart, a fail-over): the
                     # batches on the wire are still finished and recorded
@@ -107,10 +127,10 @@ def drain(budget: float = 30.0) -> tuple[int, bool]:
         leases.release(*(b[0][0].claim_token for b in in_flight))
 
 
-def _take_more(in_flight: list) -> bool:
+def _take_more(in_flight: list, look_for_events: bool = True) -> bool:
     """Claim, prepare and hand to the sender more batches while there is room;
     returns whether the queue had no more for this process."""
-    if in_flight:
+    if in_flight and look_for_events:
         # While batches wait on slow receivers, new events and newly due
         # work go out beside them, not after them.
         fan_out()

@@ -35,6 +35,7 @@ from ckan import model
 
 from . import audience, prepare, settings, topics
 from .capture import package_groups
+from .delivery_queue import CLAIMED_COLUMNS, FirstClaim, jobs_from_rows
 from .ids import fingerprint
 from .model import NOTIFY_CHANNEL, WebhookEvent, utcnow
 
@@ -53,13 +54,15 @@ DATASET_PATTERNS = [topics.DATASET_CREATE, topics.DATASET_UPDATE, topics.DATASET
 ACTIVE = "active"
 
 
-def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
+def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True,
+            claim: Optional[FirstClaim] = None) -> tuple[int, int]:
     """Fan out committed events no worker has taken yet, then renderings whose
     retry is due. Returns (events fanned out, deliveries queued).
 
-    ``commit=False`` leaves the transaction open for the caller to commit
-    with what it does next (the first claim of the deliveries: one durable
-    commit on the way from event to receipt instead of two)."""
+    ``claim``: the first deliveries the caller sends, claimed by the
+    statements that queue them. ``commit=False`` leaves the transaction open
+    for the caller to commit before it sends them: one durable commit on the
+    way from event to receipt instead of two."""
     session = model.Session
     # Taken and marked fanned out in one statement; an event whose fan-out
     # fails is marked back below (its savepoint undid only its deliveries).
@@ -75,10 +78,12 @@ def fan_out(limit: int = FANOUT_EVENTS, commit: bool = True) -> tuple[int, int]:
     for event in events:
         try:
             with session.begin_nested():
-                queued += _fan_out_event(event)
+                queued += _fan_out_event(event, claim=claim)
             prepare.keep_event(event)  # its deliveries are prepared right after
         except Exception:  # noqa: BLE001 - this event only; the others go on
             prepare.forget(event.id)
+            if claim is not None:
+                claim.forget(event.id)
             event.fanout_attempts += 1
             log.exception("fan-out of event %s failed (attempt %d)", event.id,
                           event.fanout_attempts)
@@ -135,9 +140,11 @@ def recover(hook_id: str, since, until) -> int:
 # --- one event ----------------------------------------------------------------
 
 def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
-                   hook_id: Optional[str] = None, delay: float = 0.0) -> int:
+                   hook_id: Optional[str] = None, delay: float = 0.0,
+                   claim: Optional[FirstClaim] = None) -> int:
     """Queue the deliveries of one event (of one audience only, on a retry;
-    to one hook only, due ``delay`` seconds from now, on a recovery)."""
+    to one hook only, due ``delay`` seconds from now, on a recovery), and
+    claim as many of them as ``claim`` has room for."""
     kind = topics.object_type(event.topic) if event.topic in topics.TOPICS else None
     if kind is None:
         return _fan_out_plugin_event(event, hook_id, delay)
@@ -169,19 +176,19 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
     # Each hook's reader gets at most one delivery of the event: the topic the
     # change is for them (an update, or a create/delete when it entered or
     # left their view), if the hook subscribes to that topic.
-    return model.Session.execute(sa.text(f"""
-        WITH d AS (SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
-                     AS d(audience text, vb bool, va bool, data jsonb)),
+    rows = model.Session.execute(sa.text(f"""
+        WITH dec AS (SELECT * FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
+                       AS dec(audience text, vb bool, va bool, data jsonb)),
              -- Each audience's rendering, which all its hooks' deliveries send.
              r AS (INSERT INTO webhooks_rendering (event_id, audience, data, attempts, due,
                                                    error)
-                   SELECT :event_id, audience, data, 0, NULL, NULL FROM d
+                   SELECT :event_id, audience, data, 0, NULL, NULL FROM dec
                     WHERE data IS NOT NULL
                    ON CONFLICT (event_id, audience) DO UPDATE
                       SET data = EXCLUDED.data, due = NULL, error = NULL),
-             x AS (SELECT h.id, h.topics, h.audience, d.vb, d.va,
-                          d.vb AND h.mb AS ib, d.va AND h.ma AS ia
-                     FROM ({_HOOKS}) h JOIN d ON d.audience = h.audience),
+             x AS (SELECT h.id, h.topics, h.host, h.audience, dec.vb, dec.va,
+                          dec.vb AND h.mb AS ib, dec.va AND h.ma AS ia
+                     FROM ({_HOOKS}) h JOIN dec ON dec.audience = h.audience),
              t AS (SELECT x.*, CASE
                      WHEN :kind = 'resource' THEN
                           CASE WHEN (CASE WHEN :event_topic = 'resource/delete' THEN ib
@@ -190,10 +197,20 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
                           CASE WHEN :event_topic = 'dataset/update' THEN 'dataset/update' END
                      WHEN ib THEN 'dataset/delete'
                      WHEN ia THEN 'dataset/create' END AS delivered
-                     FROM x)
+                     FROM x),
+             q AS (SELECT t.*, (host = ANY(CAST(:skip AS text[]))) IS NOT TRUE AS claimable
+                     FROM t
+                    WHERE delivered IS NOT NULL
+                      AND topics && ARRAY[delivered, split_part(delivered, '/', 1) || '/*', '*']),
+             c AS (SELECT q.*, claimable AND row_number() OVER (ORDER BY claimable DESC)
+                                             <= :claim_room AS claimed
+                     FROM q),
+             inserted AS (
         INSERT INTO webhooks_delivery (event_id, hook_id, attempts, due, audience, topic,
-                                       reason)
-        SELECT :event_id, id, 0, now() + make_interval(secs => :delay), audience, delivered,
+                                       reason, claim_token)
+        SELECT :event_id, id, CASE WHEN claimed THEN 1 ELSE 0 END,
+               now() + make_interval(secs => CASE WHEN claimed THEN :lease ELSE :delay END),
+               audience, delivered,
                CASE WHEN delivered = 'dataset/delete' THEN
                       CASE WHEN :after_state = 'deleted' THEN 'deleted'
                            WHEN :after_state = 'purged' THEN 'purged'
@@ -201,15 +218,27 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
                     WHEN delivered = 'dataset/create' THEN
                       CASE WHEN :before_state = 'deleted' THEN 'restored'
                            WHEN :before_state IS DISTINCT FROM 'active' THEN 'created'
-                           WHEN vb THEN 'filtered_in' ELSE 'visible' END END
-          FROM t
-         WHERE delivered IS NOT NULL
-           AND topics && ARRAY[delivered, split_part(delivered, '/', 1) || '/*', '*']
+                           WHEN vb THEN 'filtered_in' ELSE 'visible' END END,
+               CASE WHEN claimed THEN CAST(:token AS text) END
+          FROM c
         ON CONFLICT DO NOTHING
+        RETURNING *)
+        SELECT {CLAIMED_COLUMNS}, (SELECT count(*) FROM inserted) AS queued
+          FROM (SELECT 1) one
+          LEFT JOIN (inserted d JOIN webhooks w
+                     ON w.id = d.hook_id AND d.claim_token IS NOT NULL) ON true
     """), {**where, "decisions": json.dumps(decisions, default=str), "event_id": event.id,
            "kind": kind, "event_topic": event.topic, "delay": delay,
            "after_state": after.get("state"),
-           "before_state": (before or {}).get("state")}).rowcount
+           "before_state": (before or {}).get("state"),
+           "skip": claim.skip_hosts if claim else [],
+           "claim_room": claim.room() if claim else 0,
+           "token": claim.token if claim else None,
+           "lease": claim.lease if claim else 0.0}).all()
+    if claim is not None:
+        claim.jobs += jobs_from_rows([row for row in rows if row.event_id is not None],
+                                     claim.token)
+    return rows[0].queued
 
 
 # The hooks that may hear an event: created before it happened (a hook made
@@ -220,7 +249,7 @@ _FILTER = """((w.dataset_id IS NULL OR w.dataset_id = :pkg)
       AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{0} AS text))
       AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups_{0} AS text[]))))"""
 _HOOKS = f"""
-    SELECT w.id, w.topics, {audience.AUDIENCE_SQL} AS audience,
+    SELECT w.id, w.topics, w.host, {audience.AUDIENCE_SQL} AS audience,
            {_FILTER.format("before")} AS mb, {_FILTER.format("after")} AS ma
       FROM webhooks w
      WHERE w.topics && CAST(:patterns AS text[]) AND w.created <= :event_created

@@ -39,9 +39,11 @@ def fanout() -> int:
 
 
 def _fanout() -> int:
-    # Work this process drains alone is committed by its first claim; work
-    # other processes are asked to help with must be committed before asking.
-    events, queued = fan_out(commit=False)
+    # The first batch is claimed as it is queued, and committed with it just
+    # before it is sent; work other processes are asked to help with must be
+    # committed before asking.
+    first = dispatcher.first_claim()
+    events, queued = fan_out(commit=False, claim=first)
     if events == FANOUT_EVENTS or _helpers_for(queued):
         model.Session.commit()
     if events == FANOUT_EVENTS:  # more may be waiting
@@ -52,7 +54,7 @@ def _fanout() -> int:
     if queued:
         _ask(_helpers_for(queued))
     # Also what a redelivery (queued without a new event) is waiting for.
-    done, more = dispatcher.drain()
+    done, more = dispatcher.drain(first=first)
     model.Session.commit()  # the fan-out, if the drain claimed nothing (stopping)
     if events or done:
         log.info("fanned out %d event(s): %d deliveries queued, %d attempted here",
