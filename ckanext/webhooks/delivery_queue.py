@@ -417,8 +417,9 @@ def record_once(jobs: list[Job]) -> None:
         observed.append((outcome, job.topic, job.outcome.duration,
                          now - job.created if job.created else None))
 
+    keep = settings.log_body_bytes()
     attempts = [attempt_row(job.hook_id, job.event_id, job.topic, job.attempts, job.outcome,
-                            job.reason)
+                            job.reason, keep)
                 for job in jobs if job.outcome is not None and job.prepare_error is None
                 and not job.outcome.waited_for_slot]
     if attempts:
@@ -498,10 +499,14 @@ def _report_lost(lost: list[Job]) -> None:
 
 
 def attempt_row(hook_id: str, event_id: str, topic: str, attempt: int,
-                outcome: Outcome, reason: Optional[str] = None) -> dict:
+                outcome: Outcome, reason: Optional[str] = None,
+                keep: Optional[int] = None) -> dict:
     """One delivery log entry, as :func:`log_attempts` takes it: the first
-    ``log_body_bytes`` of the answer (the sender read more to decide)."""
-    kept = outcome.body[:settings.log_body_bytes()] if outcome.body else b""
+    ``keep`` (``log_body_bytes``) bytes of the answer (the sender read more
+    to decide)."""
+    if keep is None:
+        keep = settings.log_body_bytes()
+    kept = outcome.body[:keep] if outcome.body else b""
     body = kept.decode("utf-8", "replace").replace("\x00", "\ufffd") \
         if kept else None  # text PostgreSQL can store
     return {"h": hook_id, "e": event_id, "t": topic, "n": attempt, "s": outcome.status,

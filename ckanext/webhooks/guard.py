@@ -76,14 +76,20 @@ def allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return [ipaddress.ip_network(item, strict=False) for item in settings.allowed_networks()]
 
 
-def parse(address: str) -> tuple[str, str, int, str]:
-    """Split and normalise an address: (scheme, host, port, path). Raises Refused."""
+def address_rules() -> tuple[bool, frozenset[int]]:
+    """The settings :func:`parse` applies (read once for many addresses)."""
+    return settings.https_only(), frozenset(settings.allowed_ports_below_1024())
+
+
+def parse(address: str, rules: Optional[tuple[bool, frozenset[int]]] = None
+          ) -> tuple[str, str, int, str]:
+    """Split and normalise an address: (scheme, host, port, path). Raises Refused.
+    ``rules``: :func:`address_rules`, when the caller has read them already."""
     if not isinstance(address, str) or not address:
         raise Refused("Missing value")
     # The same addresses come back at every delivery: parsed once per
     # address and settings (a refusal is not cached, it is raised again).
-    return _parse(address, settings.https_only(),
-                  frozenset(settings.allowed_ports_below_1024()))
+    return _parse(address, *(rules or address_rules()))
 
 
 @functools.lru_cache(maxsize=16384)

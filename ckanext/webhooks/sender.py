@@ -647,13 +647,14 @@ class Sender:
         say otherwise), and resolved and checked in the event loop."""
         started = time.monotonic()
         items: list = []
+        rules = guard.address_rules()
         for item in requests:
             try:
                 request = _as_request(item)
                 if isinstance(request.address, guard.Target):
                     items.append((request, request.address, None))
                 else:
-                    items.append((request, guard.parse(request.address), None))
+                    items.append((request, guard.parse(request.address, rules), None))
             except guard.Refused:
                 items.append((item, None, Outcome(None, "refused_address", 0.0, sent=False)))
             except Exception:  # noqa: BLE001 - this request's outcome, not the batch's
