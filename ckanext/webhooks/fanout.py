@@ -150,18 +150,19 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
         return _fan_out_plugin_event(event, hook_id, delay)
     snapshot = event.snapshot or {}
     before, after = snapshot.get("_before"), snapshot.get("_after") or {}
-    now, groups_after = _dataset_now(event.package_id)
-    groups_before = (before or {}).get("groups", groups_after)
     where = {"patterns": topics.patterns_for(event.topic) if kind == "resource"
              else DATASET_PATTERNS, "pkg": event.package_id,
              "org_before": (before or {}).get("owner_org"), "org_after": after.get("owner_org"),
-             "groups_before": groups_before, "groups_after": groups_after, "only": only,
+             "groups_before": (before or {}).get("groups"), "only": only,
              "hook": hook_id, "event_created": event.created}
-    audiences = model.Session.execute(sa.text(f"""
-        SELECT audience, array_agg(DISTINCT t) AS topics
-          FROM ({_HOOKS}) h, unnest(h.topics) t
-         GROUP BY audience
-    """), where).all()
+    rows = model.Session.execute(sa.text(_AUDIENCES), where).all()
+    first = rows[0]
+    now = {"state": first.state, "private": first.private, "owner_org": first.owner_org} \
+        if first.found else None
+    where["groups_after"] = list(first.groups)
+    if where["groups_before"] is None:
+        where["groups_before"] = where["groups_after"]
+    audiences = [row for row in rows if row.audience is not None]
     names = audience.reader_names(a.audience for a in audiences)
     # A resource deleted since has nothing to render (its resource/delete follows).
     gone = kind == "resource" and not _resource_active(event.object_id)
@@ -246,17 +247,46 @@ def _fan_out_event(event: WebhookEvent, only: Optional[str] = None,
 # active, a topic that may match, reader still active, and the hook's filters
 # match the dataset as it was before or as it is after.
 _FILTER = """((w.dataset_id IS NULL OR w.dataset_id = :pkg)
-      AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{0} AS text))
-      AND (w.group_id IS NULL OR w.group_id = ANY(CAST(:groups_{0} AS text[]))))"""
-_HOOKS = f"""
+      AND (w.organization_id IS NULL OR w.organization_id = CAST(:org_{when} AS text))
+      AND (w.group_id IS NULL OR w.group_id = ANY({groups})))"""
+
+
+def _hooks_sql(groups_before: str, groups_after: str) -> str:
+    """The hooks that may hear an event, with the dataset's groups before and
+    after the change given by these SQL expressions."""
+    before = _FILTER.format(when="before", groups=groups_before)
+    after = _FILTER.format(when="after", groups=groups_after)
+    return f"""
     SELECT w.id, w.topics, w.host, {audience.AUDIENCE_SQL} AS audience,
-           {_FILTER.format("before")} AS mb, {_FILTER.format("after")} AS ma
+           {before} AS mb, {after} AS ma
       FROM webhooks w
      WHERE w.topics && CAST(:patterns AS text[]) AND w.created <= :event_created
        AND (w.active OR w.id = CAST(:hook AS text)) AND {audience.READER_ACTIVE_SQL}
-       AND ({_FILTER.format("before")} OR {_FILTER.format("after")})
+       AND ({before} OR {after})
        AND (CAST(:only AS text) IS NULL OR {audience.AUDIENCE_SQL} = :only)
        AND (CAST(:hook AS text) IS NULL OR w.id = :hook)"""
+
+
+# The groups as parameters; or read with the hooks: the groups after the
+# change are those of the dataset now (``now``, see :data:`_AUDIENCES`).
+_HOOKS = _hooks_sql("CAST(:groups_before AS text[])", "CAST(:groups_after AS text[])")
+_GROUPS_NOW = "CAST((SELECT groups FROM now) AS text[])"
+# The dataset as it is now (its visibility, None when purged, and its
+# groups), and each audience of the hooks that may hear the event with the
+# topics they subscribe to: one round trip.
+_AUDIENCES = f"""
+    WITH now AS (
+        SELECT p.id IS NOT NULL AS found, p.state, p.private, p.owner_org,
+               ARRAY(SELECT m.group_id FROM member m
+                      WHERE m.table_name = 'package' AND m.table_id = :pkg
+                        AND m.state = 'active') AS groups
+          FROM (SELECT 1) one LEFT JOIN package p ON p.id = :pkg)
+    SELECT now.found, now.state, now.private, now.owner_org, now.groups, a.audience, a.topics
+      FROM now LEFT JOIN (
+           SELECT audience, array_agg(DISTINCT t) AS topics
+             FROM ({_hooks_sql(f"coalesce(CAST(:groups_before AS text[]), {_GROUPS_NOW})",
+                               _GROUPS_NOW)}) h, unnest(h.topics) t
+            GROUP BY audience) a ON true"""
 
 
 def _decide(event, kind: str, key: str, reader: Optional[str], hook_topics: list[str],
@@ -331,23 +361,6 @@ def _has_rendering(event_id: str, key: str) -> bool:
 
 def _visibility_key(state: dict) -> tuple:
     return (state.get("state"), bool(state.get("private")), state.get("owner_org"))
-
-
-def _dataset_now(package_id: Optional[str]) -> tuple[Optional[dict], list[str]]:
-    """The dataset's visibility as it is in the database (None: purged) and
-    the groups (organizations included) it is an active member of."""
-    if not package_id:
-        return None, []
-    row = model.Session.execute(sa.text("""
-        SELECT p.id IS NOT NULL AS found, p.state, p.private, p.owner_org,
-               ARRAY(SELECT m.group_id FROM member m
-                      WHERE m.table_name = 'package' AND m.table_id = :id
-                        AND m.state = 'active') AS groups
-          FROM (SELECT 1) one LEFT JOIN package p ON p.id = :id
-    """), {"id": package_id}).one()
-    now = {"state": row.state, "private": row.private, "owner_org": row.owner_org} \
-        if row.found else None
-    return now, list(row.groups)
 
 
 def _fan_out_plugin_event(event: WebhookEvent, hook_id: Optional[str] = None,
