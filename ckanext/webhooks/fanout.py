@@ -16,6 +16,10 @@ the deliveries, per hook:
   only ``id`` and ``name`` and a ``reason``;
 * seen after, not before: a ``dataset/create`` with the reader's rendering.
 
+The same statement stores the renderings and, for the worker process that
+fans out, claims the first batch of deliveries (:class:`FirstClaim`), which
+that process sends right after the commit.
+
 Fail closed: if rendering raises for a reader, that audience gets nothing now;
 it is tried again on the retry schedule, then given up and logged. Each event
 fans out in a savepoint of its own, so a failing event delays no other; one
