@@ -4,6 +4,8 @@ queued, and an event that keeps failing is set aside (and reported) instead
 of heading every later batch. In process, against the real database."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import sqlalchemy as sa
 
@@ -97,3 +99,53 @@ def test_a_hook_made_while_an_event_waits_for_its_fan_out_does_not_hear_it():
     assert sorted(model.Session.execute(sa.text(
         "SELECT hook_id FROM webhooks_delivery WHERE event_id = :e"), {"e": later}
     ).scalars().all()) == sorted([before, after])
+
+
+# The suite's shared worker is frozen: this test fans out in process.
+@pytest.mark.usefixtures("clean_db", "with_plugins", "only_my_workers")
+def test_the_first_claim_takes_its_room_of_what_is_queued_and_nothing_rolled_back():
+    """The fan-out claims, in the statement that queues them, as many
+    deliveries as its claim has room for, none for a skipped host and none of
+    an event whose fan-out failed; the rest are queued due now. The rendering
+    it keeps for the deliveries right after is the stored one, keys in the
+    same order (the same bytes whether kept or read back)."""
+    from ckanext.webhooks import delivery_queue, prepare
+    org = factories.Organization(image_url="")
+    near = sorted(_hook("dataset/update") for _ in range(3))
+    far = _hook("dataset/update")
+    model.Session.execute(sa.text("UPDATE webhooks SET host = '127.0.0.4' WHERE id = :id"),
+                          {"id": far})
+    dataset = factories.Dataset(owner_org=org["id"], notes="x", extras=[
+        {"key": "a_longer_key", "value": "1"}, {"key": "b", "value": "2"}])
+    model.Session.execute(sa.text("UPDATE webhooks_event SET fanned_out = now()"))
+    model.Session.commit()
+    poisoned = model.Session.get(WebhookEvent, _new_update_event(dataset))
+    poisoned.snapshot = {**poisoned.snapshot,
+                         "_before": {**poisoned.snapshot["_before"], "groups": "{"}}
+    model.Session.commit()
+    healthy = _new_update_event(dataset)
+
+    claim = delivery_queue.FirstClaim(2, ["127.0.0.4"])
+    assert fanout.fan_out(claim=claim) == (2, 4)
+    jobs = claim.jobs
+    assert {job.event_id for job in jobs} == {healthy}  # nothing of the rolled-back event
+    assert len(jobs) == 2 and {job.hook_id for job in jobs} < set(near)
+    assert {(job.attempts, job.claim_token, job.reader_now, job.hook.address[:17])
+            for job in jobs} == {(1, claim.token, "", "http://127.0.0.2:")}
+    rows = {hook_id: (token, attempts, later) for hook_id, token, attempts, later in
+            model.Session.execute(sa.text("""
+                SELECT hook_id, claim_token, attempts, due > now() + interval '30 seconds'
+                  FROM webhooks_delivery WHERE event_id = :e"""), {"e": healthy})}
+    claimed = {job.hook_id for job in jobs}
+    assert rows == {hook_id: ((claim.token, 1, True) if hook_id in claimed else (None, 0, False))
+                    for hook_id in near + [far]}
+
+    assert (healthy, "") in prepare._kept_renderings
+    kept = prepare._rendering(healthy, "")
+    stored = model.Session.execute(sa.text(
+        "SELECT data FROM webhooks_rendering WHERE event_id = :e AND audience = ''"),
+        {"e": healthy}).scalar()
+    assert kept["notes"] == "x" and list(kept)[0] == "id"  # jsonb: shortest keys first
+    assert json.dumps(kept) == json.dumps(stored)
+    assert prepare._event(healthy).id == healthy
+    assert poisoned.id not in prepare._events
