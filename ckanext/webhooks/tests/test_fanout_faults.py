@@ -40,12 +40,7 @@ def test_a_failing_event_is_retried_then_set_aside_while_others_fan_out():
     model.Session.execute(sa.text("UPDATE webhooks_event SET fanned_out = now()"))
     model.Session.commit()
 
-    # A poisoned event: its captured groups are not a valid array for
-    # PostgreSQL, so its fan-out statement fails in the database itself.
-    poisoned = model.Session.get(WebhookEvent, _new_update_event(dataset))
-    poisoned.snapshot = {**poisoned.snapshot,
-                         "_before": {**poisoned.snapshot["_before"], "groups": "{"}}
-    model.Session.commit()
+    poisoned = _poisoned_update_event(dataset)
     healthy = _new_update_event(dataset)
 
     events, queued = fanout.fan_out()
@@ -64,6 +59,16 @@ def test_a_failing_event_is_retried_then_set_aside_while_others_fan_out():
     assert event.set_aside is not None and event.fanned_out is not None
     assert fanout.fan_out() == (0, 0)  # no longer heads the batches
     assert report.totals()["events_set_aside"] == 1
+
+
+def _poisoned_update_event(dataset) -> WebhookEvent:
+    """An update event whose captured groups are not a valid array for
+    PostgreSQL, so its fan-out statement fails in the database itself."""
+    poisoned = model.Session.get(WebhookEvent, _new_update_event(dataset))
+    poisoned.snapshot = {**poisoned.snapshot,
+                         "_before": {**poisoned.snapshot["_before"], "groups": "{"}}
+    model.Session.commit()
+    return poisoned
 
 
 def _new_update_event(dataset) -> str:
@@ -119,10 +124,7 @@ def test_the_first_claim_takes_its_room_of_what_is_queued_and_nothing_rolled_bac
         {"key": "a_longer_key", "value": "1"}, {"key": "b", "value": "2"}])
     model.Session.execute(sa.text("UPDATE webhooks_event SET fanned_out = now()"))
     model.Session.commit()
-    poisoned = model.Session.get(WebhookEvent, _new_update_event(dataset))
-    poisoned.snapshot = {**poisoned.snapshot,
-                         "_before": {**poisoned.snapshot["_before"], "groups": "{"}}
-    model.Session.commit()
+    poisoned = _poisoned_update_event(dataset)
     healthy = _new_update_event(dataset)
 
     claim = delivery_queue.FirstClaim(2, ["127.0.0.4"])
