@@ -12,9 +12,11 @@ import glob
 import logging
 import os
 import tempfile
+import time
 from typing import Any
 
 import sqlalchemy as sa
+from billiard import active_children
 from celery import signals
 
 from ckan import model
@@ -89,6 +91,9 @@ def limit_idle_transactions(dbapi_connection: Any, _: Any) -> None:
     dbapi_connection.commit()  # a SET in a transaction rolled back would not hold
 
 
+BEAT_EXIT_SECONDS = 10.0
+
+
 def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
                loglevel: str, pool: str | None = None) -> None:
     """Start a Celery worker consuming the webhooks queue (blocks)."""
@@ -112,6 +117,11 @@ def run_worker(flask_app: Any, concurrency: int | None, beat: bool,
         celery.worker_main(argv)
     finally:
         metrics.cleanup()
+        # The embedded beat, a process of its own, writes its schedule as it
+        # exits: its files are removed once it has (or its last write fails).
+        deadline = time.monotonic() + BEAT_EXIT_SECONDS
+        for child in active_children():
+            child.join(max(0.0, deadline - time.monotonic()))
         for leftover in glob.glob(glob.escape(schedule) + "*"):  # beat's shelve files
             try:
                 os.unlink(leftover)
