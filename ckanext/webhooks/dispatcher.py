@@ -132,8 +132,15 @@ def _take_more(in_flight: list, look_for_events: bool = True) -> bool:
     returns whether the queue had no more for this process."""
     if in_flight and look_for_events:
         # While batches wait on slow receivers, new events and newly due
-        # work go out beside them, not after them.
-        fan_out()
+        # work go out beside them, not after them: the fan-out claims its
+        # first batch whatever is in flight (as a fan-out task's does), so
+        # a proven receiver's deliveries are not left unclaimed while the
+        # healthy pool is busy probing receivers not heard from yet.
+        first = first_claim()
+        fan_out(claim=first)
+        if first.jobs:
+            jobs = first.hold()
+            in_flight.append(_send(jobs, prepare_batch(jobs)))
     while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
             len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS
             and _process_sender().free_capacity() > 0):
