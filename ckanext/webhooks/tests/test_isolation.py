@@ -211,6 +211,45 @@ def test_slow_receivers_do_not_delay_healthy_ones(private_stack, dataset):
         healthy.stop()
 
 
+def test_a_drain_busy_with_unknown_receivers_sends_a_new_events_healthy_deliveries(
+        private_stack, dataset, organization):
+    """One worker process (so a new event's own task waits behind its drain)
+    with four batches on the wire, 200 requests to 40 receivers not heard
+    from yet that never answer: one probe each holds a slot of the healthy
+    pool and the rest wait for it, so the pool has no free slot. The next
+    event is fanned out inside that drain, and its deliveries to a proven
+    receiver are claimed and sent with it: they arrive while every silent
+    connection is still open, not once a batch on the wire has ended."""
+    healthy = Receiver().start()
+    silent = SilentHosts(40, host="127.0.0.3")
+    other = factories.Dataset(owner_org=organization["id"])
+    _, _, worker = private_stack({
+        **FAST, **_queue(), "ckanext.webhooks.timeout": "10",
+        "ckanext.webhooks.retry_schedule": "0",
+        # The silent receivers stay unknown (out of the slow lane) until they
+        # time out, and their 200 deliveries take four batches.
+        "ckanext.webhooks.slow_after": "30", "ckanext.webhooks.batch_size": "50"}, web=False)
+    try:
+        for n in range(20):
+            _add_hook(healthy.url(f"/healthy/{n}"), healthy.host, dataset["id"])
+        _update(dataset["id"])  # the worker learns that this receiver answers promptly
+        healthy.wait_for(lambda rs: len(rs) >= 20, timeout=30)
+
+        for url in silent.urls():
+            for n in range(5):
+                _add_hook(f"{url}/{n}", silent.host, other["id"])
+        _update(other["id"])
+        _wait(lambda: silent.requests >= 40, what="a probe on the wire to every silent receiver")
+        _update(dataset["id"])
+        healthy.wait_for(lambda rs: len(rs) >= 40, timeout=30)
+        assert silent.closed == 0, "the healthy deliveries waited for a batch on the wire to end"
+        assert silent.requests == 40, "a silent receiver got more than its probe"
+        assert worker.alive()
+    finally:
+        silent.close()
+        healthy.stop()
+
+
 def test_ping_resolves_at_the_attempt(live_ckan, receiver):
     """webhook_ping goes through the same sender: a name that does not resolve
     is a ``dns_error`` (not ``refused_address``), and once it resolves the
