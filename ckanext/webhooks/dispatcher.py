@@ -133,12 +133,13 @@ def _take_more(in_flight: list, look_for_events: bool = True) -> bool:
     if in_flight and look_for_events:
         # While batches wait on slow receivers, new events and newly due
         # work go out beside them, not after them: the fan-out claims its
-        # first batch whatever is in flight (as a fan-out task's does), so
-        # a proven receiver's deliveries are not left unclaimed while the
-        # healthy pool is busy probing receivers not heard from yet.
-        first = first_claim()
+        # first batch (as a fan-out task's does) even when the healthy pool
+        # has no free slot, so a proven receiver's deliveries are not left
+        # unclaimed while the pool is busy probing receivers not heard from
+        # yet; within the bound on batches held, as every claim.
+        first = first_claim() if len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS else None
         fan_out(claim=first)
-        if first.jobs:
+        if first is not None and first.jobs:
             jobs = first.hold()
             in_flight.append(_send(jobs, prepare_batch(jobs)))
     while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
