@@ -73,8 +73,7 @@ def drain(budget: float = 30.0, first: Optional[FirstClaim] = None) -> tuple[int
     try:
         if first is not None and first.jobs:
             model.Session.commit()  # the fan-out and its claim, before anything is sent
-            jobs = first.hold()
-            in_flight.append(_send(jobs, prepare_batch(jobs)))
+            _send_first(first, in_flight)
             look_now = first.room() <= 0
         while True:
             if exhausted and not in_flight:
@@ -138,10 +137,9 @@ def _take_more(in_flight: list, look_for_events: bool = True) -> bool:
         # unclaimed while the pool is busy probing receivers not heard from
         # yet; within the bound on batches held, as every claim.
         first = first_claim() if len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS else None
-        fan_out(claim=first)
+        fan_out(claim=first)  # commits
         if first is not None and first.jobs:
-            jobs = first.hold()
-            in_flight.append(_send(jobs, prepare_batch(jobs)))
+            _send_first(first, in_flight)
     while len(in_flight) < MAX_BATCHES_IN_FLIGHT or (
             len(in_flight) < MAX_BATCHES_WITH_FREE_SLOTS
             and _process_sender().free_capacity() > 0):
@@ -156,6 +154,12 @@ def _take_more(in_flight: list, look_for_events: bool = True) -> bool:
         if not more:
             return True
     return False
+
+
+def _send_first(first: FirstClaim, in_flight: list) -> None:
+    """Hand a fan-out's committed first claim to the sender, its lease renewed."""
+    jobs = first.hold()
+    in_flight.append(_send(jobs, prepare_batch(jobs)))
 
 
 def _send(jobs: list[Job], sendable: list[Job]):
